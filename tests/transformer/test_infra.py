@@ -1,0 +1,133 @@
+"""The shared training infrastructure: exact resume, DDP parity, atomic checkpoints, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer import checkpoint as ckpt
+from transformer.checkpoint import CheckpointError, check_config, load_weights, save_checkpoint
+from transformer.cli import add_dataclass_arguments, dataclass_from_args
+
+TOY = Path(__file__).with_name("toy_train.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args, launcher=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = (launcher or [sys.executable]) + [str(TOY), "--device", "cpu", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _losses(run_dir):
+    return [
+        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_resume_after_interruption_reproduces_losses_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _run(["--out", straight, "--steps", 10]).returncode == 0
+    interrupted = _run(["--out", split, "--steps", 10, "--interrupt-at", 4])
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "checkpoint saved" in interrupted.stderr.strip().splitlines()[-1]
+    assert len(_losses(split)) == 5
+    resumed = _run(["--out", split, "--steps", 10, "--resume", split])
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(split) == _losses(straight)  # bit-identical, dropout RNG included
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(["--out", one, "--steps", 6, "--dropout", 0]).returncode == 0
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+    ]
+    result = _run(["--out", two, "--steps", 6, "--dropout", 0], launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(
+        torch.tensor(_losses(two)), torch.tensor(_losses(one)), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+    result = _run(["--out", tmp_path, "--steps", 10, "--nan-at", 7])
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "step 7" in line and "step_0000006" in line
+
+
+def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, model, {"package": "toy", "model": {"n": 3}}, {"step": 1})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(target, model, {"package": "toy", "model": {"n": 3}}, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+    fresh = torch.nn.Linear(3, 2)
+    load_weights(target, fresh)
+    torch.testing.assert_close(fresh.state_dict(), before)
+    assert ckpt.load_train_state(target)["step"] == 1
+
+
+def test_checkpoint_from_other_config_or_package_is_refused(tmp_path):
+    save_checkpoint(
+        tmp_path / "c", torch.nn.Linear(2, 2), {"package": "toy", "model": {"d": 2, "h": 1}}
+    )
+    with pytest.raises(CheckpointError, match=r"differs in: d \(checkpoint 2, expected 4\); h"):
+        check_config(tmp_path / "c", "toy", {"d": 4, "h": 2})
+    with pytest.raises(CheckpointError, match="checkpoint of 'toy', not of 'xllama'"):
+        check_config(tmp_path / "c", "xllama")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(tmp_path / "c", torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(CheckpointError, match="not found"):
+        check_config(tmp_path / "nope", "toy")
+
+
+def test_resume_with_other_model_config_names_the_field(tmp_path):
+    assert _run(["--out", tmp_path, "--steps", 3]).returncode == 0
+    result = _run(["--out", tmp_path, "--steps", 6, "--width", 8, "--resume", tmp_path])
+    assert result.returncode == 2
+    assert "width (checkpoint 16, expected 8)" in result.stderr
+
+
+def test_dataclass_flags_take_docstrings_and_override_presets():
+    import argparse
+    from dataclasses import dataclass
+
+    @dataclass
+    class Config:
+        d_model: int = 512
+        """Model width."""
+        dropout: float = 0.1
+        """Dropout rate."""
+        pre_norm: bool = False
+        """Pre-norm residual blocks."""
+        sizes: tuple[int, ...] = (1, 2)
+        """Channel multipliers."""
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Config)
+    help_text = parser.format_help()
+    assert "Model width. (default: 512)" in help_text
+    args = parser.parse_args(["--dropout", "0.3", "--pre-norm", "--sizes", "1", "4"])
+    got = dataclass_from_args(Config, args, base=Config(d_model=64))
+    assert got == Config(d_model=64, dropout=0.3, pre_norm=True, sizes=(1, 4))

@@ -1,0 +1,165 @@
+"""Command-line plumbing shared by every command of every package.
+
+- Config dataclasses become flags: each field is `--field-name`, its help is the field's attribute
+  docstring (the string literal written under it), and its default is shown. Flags left out keep
+  the value of the named preset (`--config small`) or the dataclass default.
+- `run_command(main)` turns the library's own exceptions into one line on stderr and exit status 2,
+  and Ctrl-C into exit status 130, so a user never sees a traceback for a mistake of theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tokenizer import TokenizerError
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (bad flag, bad file, incompatible checkpoint).
+
+    Every package's own exceptions derive from this; commands print it as one line and exit 2.
+    """
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: {field name: the string literal written under it}."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _flag_type(annotation):
+    """(converter, nargs, choices) for a dataclass field's type."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        converter, nargs, choices = _flag_type(inner[0])
+        return (lambda s: None if s.lower() == "none" else converter(s)), nargs, choices
+    if origin is typing.Literal:
+        return type(args[0]), None, list(args)
+    if origin in (tuple, list):
+        return args[0], "+", None
+    return annotation, None, None
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
+    """Add one flag per field of the dataclass `cls`; unset flags parse to None."""
+    group = parser.add_argument_group(title or cls.__name__)
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
+        if hints[f.name] is bool:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+            continue
+        converter, nargs, choices = _flag_type(hints[f.name])
+        group.add_argument(
+            flag,
+            dest=f.name,
+            type=converter,
+            nargs=nargs,
+            choices=choices,
+            default=None,
+            metavar=f.name.upper() if choices is None else None,
+            help=help_text,
+        )
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, base=None):
+    """Build `cls` from parsed flags: given flags override `base` (a preset) or the defaults."""
+    base = cls() if base is None else base
+    given = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            current = getattr(base, f.name)
+            given[f.name] = tuple(value) if isinstance(current, tuple) else value
+    return dataclasses.replace(base, **given)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    """The flags every command takes: --device, --dtype, --seed, --out (and for trainers --resume,
+    --compile)."""
+    group = parser.add_argument_group("common")
+    group.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run; auto picks cuda, then mps, then cpu (default: auto)",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute precision: bf16/fp16 run under autocast with float32 weights; auto is "
+        "bfloat16 on a GPU that supports it, else float32 (default: auto)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--out", type=Path, default=None, help="output directory")
+    if training:
+        group.add_argument(
+            "--resume",
+            type=Path,
+            default=None,
+            help="continue exactly from a checkpoint directory (or a run directory: its latest)",
+        )
+        group.add_argument(
+            "--compile", action="store_true", help="compile the model with torch.compile"
+        )
+
+
+def run_command(
+    main: Callable[[Sequence[str] | None], int | None], argv=None, prog: str = "command"
+) -> int:
+    """Run a command's `main`, mapping user errors to one stderr line + exit 2, Ctrl-C to 130.
+
+    Use as `sys.exit(run_command(main, argv, "package.command"))`.
+    """
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt as exc:
+        message = str(exc) or "interrupted"
+        print(f"{prog}: {message}", file=sys.stderr)
+        return 130
+    except (UserError, TokenizerError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
