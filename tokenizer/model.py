@@ -411,11 +411,12 @@ class BPETokenizer:
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer file and, beside it, a readable vocabulary listing (`.vocab`).
 
-        `path` is a file path, or a directory to hold `tokenizer.bpe`. The format (versioned,
-        line based, UTF-8) is described in tokenizer/README.md.
+        `path` is a file path, or a directory to hold `tokenizer.bpe` (an existing directory,
+        or a path without a suffix, which is created). Returns the file's path. The format
+        (versioned, line based, UTF-8) is described in tokenizer/README.md.
         """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or not path.suffix:
             path = path / FILE_NAME
         merges = self.merges
         lines = [
