@@ -1,6 +1,8 @@
 """The split patterns: the fast standard-library splitter against the `regex` module and
 tiktoken's own Unicode tables."""
 
+import itertools
+
 import pytest
 import regex
 from hypothesis import given, settings
@@ -50,6 +52,40 @@ stable_text = st.text(st.characters().filter(agrees_with_regex_module), max_size
 def test_fast_splitter_equals_regex_module_on_the_corpus(name):
     text = embedded_corpus()[:100_000] + " naïve 日本語 🎉🎉 x\U0001d518\U0001d52b  \n\n"
     assert make_splitter(PATTERNS[name])(text) == regex.findall(PATTERNS[name], text)
+
+
+# Characters of each category the patterns distinguish, astral ones included (Lu Ll Lm Lo Mn Nd
+# and an emoji above U+FFFF), with the contraction pieces: every triple of them, line by line.
+EDGE_ALPHABET = [
+    "\U0001d400",
+    "\U0001d41a",
+    "\U00016f93",
+    "\U00020000",
+    "\U0001d167",
+    "\U0001d7ce",
+    "\U0001f389",
+    "A",
+    "a",
+    "\u02b0",
+    "\u00aa",
+    "\u01c5",
+    "\u0300",
+    "1",
+    "'",
+    "s",
+    "\u017f",
+    "T",
+    " ",
+    "\n",
+    "/",
+    "!",
+]
+EDGE_TEXT = "\n".join("".join(triple) for triple in itertools.product(EDGE_ALPHABET, repeat=3))
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_fast_splitter_equals_regex_module_on_every_category_triple(name):
+    assert make_splitter(PATTERNS[name])(EDGE_TEXT) == regex.findall(PATTERNS[name], EDGE_TEXT)
 
 
 @settings(max_examples=300, deadline=None)

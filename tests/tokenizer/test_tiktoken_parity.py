@@ -28,7 +28,22 @@ SAMPLES = [
     "\u0000\u0001\u001f\u007f\u0085\u00a0\u2028\u2029\u200b\u3000\ufeff",
     "ſtraße 'S 'ſ 'T 'LL 'Ve 'rE ǅ ᾈ",
     "\u0300\u0301a\u0300 \u0301\u0302b 'm\u0301 x\u0308y",
+    "it'ſ THEY'ſ 'ſx 'ſtraße don'T WON'ſ",  # ſ folds to s in the contractions
 ]
+# Characters above U+FFFF of each category (Lu Ll Lm Lo M N, an emoji) next to each other and to
+# BMP letters, digits and contractions: the split must treat each like its category.
+ASTRAL = [
+    "\U0001d400",
+    "\U0001d41a",
+    "\U00016f93",
+    "\U00020000",
+    "\U0001d167",
+    "\U0001d7ce",
+    "\U0001f389",
+]
+SAMPLES.append(
+    " ".join(a + b + c for a in ASTRAL for b in ASTRAL + ["A", "a", "1"] for c in ["", "'s"])
+)
 
 
 @pytest.fixture(params=ENCODINGS)
