@@ -150,7 +150,7 @@ class BPEVocabulary:
     def train(cls, texts: list[str], vocab_size: int) -> BPEVocabulary:
         from tokenizer import BPETokenizer
 
-        return cls(BPETokenizer.train("\n".join(texts), vocab_size))
+        return cls(BPETokenizer.train(texts, vocab_size, progress=False))
 
     @property
     def size(self) -> int:

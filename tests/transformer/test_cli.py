@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,34 +16,11 @@ from transformer.translate import average_state_dicts
 
 REPO = Path(__file__).resolve().parents[2]
 # A few steps of a very small model on the embedded task (seconds).
-TINY = [
-    "--device",
-    "cpu",
-    "--d-model",
-    "16",
-    "--d-ff",
-    "32",
-    "--n-heads",
-    "2",
-    "--n-encoder-layers",
-    "1",
-    "--n-decoder-layers",
-    "1",
-    "--task-train-size",
-    "300",
-    "--task-valid-size",
-    "20",
-    "--batch-tokens",
-    "256",
-    "--micro-batch-tokens",
-    "128",
-    "--warmup-steps",
-    "5",
-    "--beam-size",
-    "2",
-    "--samples",
-    "1",
-]
+TINY = (
+    "--device cpu --d-model 16 --d-ff 32 --n-heads 2 --n-encoder-layers 1 --n-decoder-layers 1 "
+    "--task-train-size 100 --task-valid-size 20 --batch-tokens 256 --micro-batch-tokens 128 "
+    "--warmup-steps 5 --beam-size 2 --samples 1"
+).split()
 
 
 def _losses(run_dir):
@@ -168,10 +146,9 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys):
     # a checkpoint of another package, and one made for another config
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)
-    import shutil
-
     shutil.copytree(trained / "checkpoints" / "step_0000008", other / "checkpoints" / "step_1")
     (other / "checkpoints" / "latest").write_text("step_1\n")
+    shutil.copy(trained / "vocabulary.json", other)
     config_path = other / "checkpoints" / "step_1" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "package": "xllama"}))
