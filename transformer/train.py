@@ -103,6 +103,8 @@ class TrainConfig:
     "embedded task: number of held-out validation pairs"
     samples: int = 5
     "validation translations printed at the end"
+    target_exact_match: float = 0.0
+    "stop early once the validation exact match (greedy, checked each epoch) reaches this; 0 = never"
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
@@ -293,6 +295,7 @@ def main(argv=None) -> int:
             "one step needs; lower --batch-tokens"
         )
     last_time, tokens_since = time.perf_counter(), 0
+    done_steps = config.steps
     trained.train()
     for step in run.steps(config.steps):
         mine = batches[state["index"] + dist.rank : state["index"] + per_step : dist.world_size]
@@ -349,18 +352,23 @@ def main(argv=None) -> int:
                     f"epoch {state['epoch'] + 1} (step {step + 1}): valid loss {valid_loss:.4f}, "
                     f"BLEU {bleu:.2f} (greedy), exact match {exact:.2%}"
                 )
+            reached = dist.is_main and 0 < config.target_exact_match <= exact
             state = {"epoch": state["epoch"] + 1, "index": 0}
             batches = token_batches(train, config.micro_batch_tokens, args.seed + state["epoch"])
             last_time = time.perf_counter()
+            if dist.any(reached, device):
+                run.write(f"validation exact match reached {config.target_exact_match:.1%}: stop")
+                done_steps = step + 1
+                break
         run.end_of_step(step, state)
-    if run.last_checkpoint is None or run.last_checkpoint.name != f"step_{config.steps:07d}":
-        run.save(config.steps, state)
+    if run.last_checkpoint is None or run.last_checkpoint.name != f"step_{done_steps:07d}":
+        run.save(done_steps, state)
 
     if dist.is_main:
         valid_loss, bleu, exact, hypotheses = validate(
             run.raw_model, vocab, valid, config, device, dtype, beam_size=config.beam_size
         )
-        run.log(config.steps - 1, final_valid_loss=valid_loss, final_bleu=bleu, final_exact=exact)
+        run.log(done_steps - 1, final_valid_loss=valid_loss, final_bleu=bleu, final_exact=exact)
         run.write(
             f"final (beam {config.beam_size}, α {config.length_penalty}): valid loss "
             f"{valid_loss:.4f}, BLEU {bleu:.2f}, exact match {exact:.2%}"
