@@ -167,3 +167,19 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys):
     ]
     assert "d_model" in _error_line(train.main, resumed, capsys)
     assert "no checkpoint found" in _error_line(translate.main, ["--checkpoint", str(a)], capsys)
+
+
+def test_train_and_translate_real_files_with_joint_bpe(tmp_path, capsys):
+    de = ["ein hund läuft.", "zwei katzen schlafen.", "ein mann liest ein buch.", "kinder spielen."]
+    en = ["a dog runs.", "two cats sleep.", "a man reads a book.", "children play."]
+    src, tgt = tmp_path / "train.de.gz", tmp_path / "train.en"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write("\n".join(de * 10) + "\n")
+    tgt.write_text("\n".join(en * 10) + "\n")
+    out = tmp_path / "run"
+    args = [*TINY, "--src", str(src), "--tgt", str(tgt), "--bpe-vocab-size", "300", "--steps", "2"]
+    assert train.main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "vocabulary.json").read_text())["kind"] == "bpe"
+    capsys.readouterr()
+    assert translate.main(["--checkpoint", str(out), "--input", str(src), "--beam", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 40
