@@ -70,8 +70,15 @@ PRESETS: dict[str, TransformerConfig] = {
     "small": TransformerConfig(
         d_model=256, n_encoder_layers=3, n_decoder_layers=3, n_heads=4, d_ff=1024
     ),
+    # The embedded task's model: pre-norm trained more steadily than post-norm at this size.
     "tiny": TransformerConfig(
-        d_model=64, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=256, dropout=0.0
+        d_model=64,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        n_heads=4,
+        d_ff=256,
+        dropout=0.0,
+        pre_norm=True,
     ),
 }
 

@@ -121,12 +121,13 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
         checkpoint_every=100,
     ),
     "tiny": TrainConfig(
-        steps=1200,
+        steps=3000,
         batch_tokens=2048,
         micro_batch_tokens=2048,
         warmup_steps=200,
         lr_scale=0.5,
         checkpoint_every=200,
+        target_exact_match=0.995,
     ),
 }
 
