@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from transformer.model import (
+# This file's name shadows the package when run as a script: put the repository first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformer.model import (  # noqa: E402
     PRESETS,
     Transformer,
     beam_search,

@@ -36,7 +36,7 @@ class TransformerConfig:
     """The model's shape; the defaults are the paper's base model (Table 3)."""
 
     vocab_size: int = 37000
-    "size of the joint source/target vocabulary (the paper's shared BPE had about 37,000 tokens)"
+    "joint source/target vocabulary size (paper: ~37,000 BPE tokens); training sets it from the data"
     d_model: int = 512
     "width of every layer's input and output, d_model"
     n_encoder_layers: int = 6
