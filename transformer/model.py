@@ -390,9 +390,10 @@ def beam_search(
     (sentence b, beam k) -> row b·K + k, with cached decoder keys/values reordered after each step.
     At each step the 2K best extensions are considered (so that K live ones remain even if K end
     here); an extension that ends with EOS among the best K becomes a finished hypothesis scored
-    log P / lp(length incl. EOS). A sentence is done when it has K finished hypotheses or reaches
-    its maximum length (input length + `max_extra`), where its live hypotheses are finished as they
-    are. With beam_size 1 this is exactly greedy decoding.
+    log P / lp(length incl. EOS). A sentence is done when it has K finished hypotheses and its
+    best live hypothesis, scored at the current length, does not beat the worst of them; or at its
+    maximum length (input length + `max_extra`), where live hypotheses are finished as they are.
+    With beam_size 1 this is exactly greedy decoding.
     """
     if beam_size < 1:
         raise ValueError(f"beam size must be at least 1, got {beam_size}")
@@ -422,6 +423,10 @@ def beam_search(
         cand_scores, cand_index = candidates.topk(2 * K, dim=1)
         cand_beam, cand_token = cand_index // vocab, cand_index % vocab
         length = step + 1  # generated tokens, the EOS included
+        # Continue with the best K extensions that do not end; finished sentences keep decoding
+        # harmlessly until the whole batch is done.
+        alive_scores = cand_scores.masked_fill(cand_token == eos_id, float("-inf"))
+        scores, pick = alive_scores.topk(K, dim=1)
         for b in range(batch):
             if done[b]:
                 continue
@@ -435,14 +440,14 @@ def beam_search(
                     prefix = tokens[b * K + int(cand_beam[b, j]), 1:].tolist()
                     hypothesis = prefix if ends else prefix + [int(cand_token[b, j])]
                     finished[b].append((score / length_penalty(length, alpha), hypothesis))
-            if len(finished[b]) >= K or at_limit:
+            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
+            # Done once K hypotheses ended and the best live one, scored at its current length,
+            # cannot beat the worst of them (a few improbable early EOS must not end the search).
+            best_alive = float(scores[b, 0]) / length_penalty(length, alpha)
+            if at_limit or (len(finished[b]) >= K and best_alive <= finished[b][-1][0]):
                 done[b] = True
         if all(done):
             break
-        # Continue with the best K extensions that do not end; finished sentences keep decoding
-        # harmlessly until the whole batch is done.
-        alive_scores = cand_scores.masked_fill(cand_token == eos_id, float("-inf"))
-        scores, pick = alive_scores.topk(K, dim=1)
         beam = cand_beam.gather(1, pick)
         next_token = cand_token.gather(1, pick)
         source_rows = (torch.arange(batch, device=device)[:, None] * K + beam).view(-1)
