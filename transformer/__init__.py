@@ -4,6 +4,7 @@ encoder-decoder Transformer, and the training infrastructure every package's tra
 from .attention import (
     KVCache,
     MultiHeadAttention,
+    StaticKVCache,
     attention_reference,
     causal_mask,
     combine_masks,
@@ -12,15 +13,36 @@ from .attention import (
 )
 from .checkpoint import CheckpointError
 from .cli import UserError
+from .model import (
+    PRESETS,
+    Transformer,
+    TransformerConfig,
+    beam_search,
+    greedy_decode,
+    label_smoothed_loss,
+    learning_rate,
+    length_penalty,
+    sinusoidal_positions,
+)
 from .run import NonFiniteLoss, TrainingRun
 
 __all__ = [
+    "PRESETS",
     "CheckpointError",
     "KVCache",
     "MultiHeadAttention",
     "NonFiniteLoss",
+    "StaticKVCache",
+    "Transformer",
+    "TransformerConfig",
     "TrainingRun",
     "UserError",
+    "beam_search",
+    "greedy_decode",
+    "label_smoothed_loss",
+    "learning_rate",
+    "length_penalty",
+    "sinusoidal_positions",
     "attention_reference",
     "causal_mask",
     "combine_masks",

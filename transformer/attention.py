@@ -149,6 +149,34 @@ class KVCache:
         self.v = self.v.index_select(0, index)
 
 
+class StaticKVCache:
+    """Keys and values of a context that does not change while decoding (the encoder output in
+    cross-attention, §3.2.3): projected on the first call, reused on every later one.
+
+    Pass one per cross-attention layer as `cache=`; the context is then only read on the first
+    call. `reorder` keeps batch rows, like `KVCache.reorder`.
+    """
+
+    static = True
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return self.k is not None
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k, self.v = k, v
+        return k, v
+
+    def reorder(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (§3.2.2): h projected heads attend in parallel and are concatenated.
 
@@ -157,7 +185,8 @@ class MultiHeadAttention(nn.Module):
     Self-attention when `context` is None, cross-attention (encoder-decoder, §3.2.3) when it is the
     encoder output. `rotary`, if given, maps (q, k) -> (q, k) after projection and before caching
     (rotary position embeddings, Su et al.); `cache`, if given, is a `KVCache`-like object whose
-    `update(k, v)` returns all keys and values to attend to.
+    `update(k, v)` returns all keys and values to attend to. A filled `StaticKVCache` skips the
+    key/value projections altogether (cross-attention during incremental decoding).
     """
 
     def __init__(
@@ -197,12 +226,15 @@ class MultiHeadAttention(nn.Module):
         batch, q_len, _ = x.shape
         source = x if context is None else context
         q = self.wq(x).view(batch, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rotary is not None:
-            q, k = rotary(q, k)
-        if cache is not None:
-            k, v = cache.update(k, v)
+        if getattr(cache, "static", False) and cache.filled:
+            k, v = cache.k, cache.v  # the context's keys/values, projected on the first call
+        else:
+            k = self.wk(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.wv(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if rotary is not None:
+                q, k = rotary(q, k)
+            if cache is not None:
+                k, v = cache.update(k, v)
         dropout_p = self.dropout if self.training else 0.0
         y = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout_p, self.fast)
         return self.wo(y.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim))

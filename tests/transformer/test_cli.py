@@ -1,0 +1,185 @@
+"""transformer.train and transformer.translate end to end on tiny settings, and their refusals."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer import train, translate
+from transformer.translate import average_state_dicts
+
+REPO = Path(__file__).resolve().parents[2]
+# A few steps of a very small model on the embedded task (seconds).
+TINY = (
+    "--device cpu --d-model 16 --d-ff 32 --n-heads 2 --n-encoder-layers 1 --n-decoder-layers 1 "
+    "--task-train-size 100 --task-valid-size 20 --batch-tokens 256 --micro-batch-tokens 128 "
+    "--warmup-steps 5 --beam-size 2 --samples 1"
+).split()
+
+
+def _losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+def _subprocess(args, launcher=None, stdin=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = (launcher or [sys.executable]) + list(map(str, args))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, input=stdin)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train.main([*TINY, "--steps", "8", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_run_and_checkpoints(trained, capsys):
+    assert (trained / "config.json").is_file() and (trained / "vocabulary.json").is_file()
+    assert len(list((trained / "checkpoints").glob("step_*"))) == 4  # steps 2, 4, 6, 8
+    records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert any("bleu" in r for r in records) and any("final_bleu" in r for r in records)
+    assert all(k in records[0] for k in ("loss", "lr", "tok_s"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*TINY, "--dropout", "0.1", "--checkpoint-every", "3"]
+    assert train.main([*common, "--steps", "8", "--out", str(straight)]) == 0
+    assert train.main([*common, "--steps", "5", "--out", str(split)]) == 0
+    # The split run stopped at step 5 (and wrote a checkpoint there); continue it to 8.
+    assert train.main([*common, "--steps", "8", "--out", str(split), "--resume", str(split)]) == 0
+    assert _losses(split) == _losses(straight)
+
+
+def test_two_process_gloo_run(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*TINY, "--dropout", "0", "--steps", "3", "--checkpoint-every", "0"]
+    assert _subprocess(["-m", "transformer.train", *args, "--out", one]).returncode == 0
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+    ]
+    result = _subprocess(["-m", "transformer.train", *args, "--out", two], launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Same global batch (two micro-batches per step, one per process): the same losses.
+    torch.testing.assert_close(
+        torch.tensor(_losses(two)), torch.tensor(_losses(one)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_translate_stdin_file_reference_and_average(trained, tmp_path, capsys):
+    source = tmp_path / "src.txt"
+    source.write_text("1 2 3\n4 5\n")
+    reference = tmp_path / "ref.txt.gz"
+    with gzip.open(reference, "wt") as f:
+        f.write("three two one\nfive four\n")
+    assert (
+        translate.main(
+            [
+                "--checkpoint",
+                str(trained),
+                "--input",
+                str(source),
+                "--reference",
+                str(reference),
+                "--average",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "BLEU = " in captured.err and "nrefs:1" in captured.err
+    result = _subprocess(
+        ["-m", "transformer.translate", "--checkpoint", trained, "--beam", "1"], stdin="1 2\n"
+    )
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 1
+
+
+def test_checkpoint_averaging_is_the_elementwise_mean():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([1.0])}
+    c = {"w": torch.tensor([2.0, 1.0]), "b": torch.tensor([-4.0])}
+    avg = average_state_dicts([a, b, c])
+    torch.testing.assert_close(avg["w"], torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(avg["b"], torch.tensor([-1.0]))
+
+
+def _error_line(main, argv, capsys):
+    from transformer.cli import run_command
+
+    code = run_command(main, argv, prog="transformer")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys):
+    a, b, empty = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "empty.txt"
+    a.write_text("x\ny\nz\n")
+    b.write_text("x\ny\n")
+    empty.write_text("\n")
+    out = ["--out", str(tmp_path / "o")]
+    assert "3 lines" in _error_line(train.main, ["--src", str(a), "--tgt", str(b), *out], capsys)
+    assert "empty" in _error_line(train.main, ["--src", str(empty), "--tgt", str(b), *out], capsys)
+    assert "not found" in _error_line(train.main, ["--src", "nope", "--tgt", str(b), *out], capsys)
+    assert "unknown config" in _error_line(train.main, ["--config", "huge", *out], capsys)
+    ckpt = ["--checkpoint", str(trained)]
+    assert "at least 1" in _error_line(translate.main, [*ckpt, "--beam", "0"], capsys)
+    assert "needs 9" in _error_line(translate.main, [*ckpt, "--average", "9"], capsys)
+    # a checkpoint of another package, and one made for another config
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copytree(trained / "checkpoints" / "step_0000008", other / "checkpoints" / "step_1")
+    (other / "checkpoints" / "latest").write_text("step_1\n")
+    shutil.copy(trained / "vocabulary.json", other)
+    config_path = other / "checkpoints" / "step_1" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "package": "xllama"}))
+    assert "'xllama'" in _error_line(translate.main, ["--checkpoint", str(other)], capsys)
+    config_path.write_text(json.dumps(config))
+    resumed = [
+        *TINY,
+        "--d-model",
+        "32",
+        "--steps",
+        "9",
+        "--out",
+        str(other),
+        "--resume",
+        str(other),
+    ]
+    assert "d_model" in _error_line(train.main, resumed, capsys)
+    assert "no checkpoint found" in _error_line(translate.main, ["--checkpoint", str(a)], capsys)
+
+
+def test_train_and_translate_real_files_with_joint_bpe(tmp_path, capsys):
+    de = ["ein hund läuft.", "zwei katzen schlafen.", "ein mann liest ein buch.", "kinder spielen."]
+    en = ["a dog runs.", "two cats sleep.", "a man reads a book.", "children play."]
+    src, tgt = tmp_path / "train.de.gz", tmp_path / "train.en"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write("\n".join(de * 10) + "\n")
+    tgt.write_text("\n".join(en * 10) + "\n")
+    out = tmp_path / "run"
+    args = [*TINY, "--src", str(src), "--tgt", str(tgt), "--bpe-vocab-size", "300", "--steps", "2"]
+    assert train.main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "vocabulary.json").read_text())["kind"] == "bpe"
+    capsys.readouterr()
+    assert translate.main(["--checkpoint", str(out), "--input", str(src), "--beam", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 40

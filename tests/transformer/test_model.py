@@ -1,0 +1,257 @@
+"""The encoder-decoder Transformer against torch.nn.Transformer, hand computations and itself
+decoded two ways (cached vs recomputed, beam 1 vs greedy)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from transformer.attention import MultiHeadAttention, StaticKVCache
+from transformer.model import (
+    PRESETS,
+    Transformer,
+    TransformerConfig,
+    beam_search,
+    greedy_decode,
+    label_smoothed_loss,
+    learning_rate,
+    length_penalty,
+    sinusoidal_positions,
+)
+
+TINY = TransformerConfig(
+    vocab_size=23,
+    d_model=16,
+    n_encoder_layers=2,
+    n_decoder_layers=2,
+    n_heads=4,
+    d_ff=32,
+    dropout=0.0,
+    max_len=64,
+)
+
+
+def _copy_attention(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
+    d = ours.wq.weight.size(1)
+    for i, proj in enumerate((ours.wq, ours.wk, ours.wv)):
+        proj.weight.copy_(ref.in_proj_weight[i * d : (i + 1) * d])
+        proj.bias.copy_(ref.in_proj_bias[i * d : (i + 1) * d])
+    ours.wo.weight.copy_(ref.out_proj.weight)
+    ours.wo.bias.copy_(ref.out_proj.bias)
+
+
+def _copy_ffn_norms(ours_layer, ref_layer, n_norms):
+    ours_layer.feed_forward.w1.load_state_dict(ref_layer.linear1.state_dict())
+    ours_layer.feed_forward.w2.load_state_dict(ref_layer.linear2.state_dict())
+    for i in range(1, n_norms + 1):
+        getattr(ours_layer, f"residual{i}").norm.load_state_dict(
+            getattr(ref_layer, f"norm{i}").state_dict()
+        )
+
+
+def _load_from_torch(model: Transformer, ref: nn.Transformer) -> None:
+    with torch.no_grad():
+        for ours, theirs in zip(model.encoder_layers, ref.encoder.layers):
+            _copy_attention(ours.self_attention, theirs.self_attn)
+            _copy_ffn_norms(ours, theirs, 2)
+        for ours, theirs in zip(model.decoder_layers, ref.decoder.layers):
+            _copy_attention(ours.self_attention, theirs.self_attn)
+            _copy_attention(ours.cross_attention, theirs.multihead_attn)
+            _copy_ffn_norms(ours, theirs, 3)
+
+
+def _batch(config, batch=3, src_len=7, tgt_len=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    source = torch.randint(3, config.vocab_size, (batch, src_len), generator=g)
+    target = torch.randint(3, config.vocab_size, (batch, tgt_len), generator=g)
+    source[0, -2:] = config.pad_id  # padded sentences exercise the key-padding masks
+    source[2, -4:] = config.pad_id
+    return source, target
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_matches_torch_nn_transformer(fast):
+    torch.manual_seed(0)
+    config = TINY
+    model = Transformer(config).eval()
+    ref = nn.Transformer(
+        d_model=config.d_model,
+        nhead=config.n_heads,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=config.d_ff,
+        dropout=0.0,
+        batch_first=True,
+    ).eval()
+    # torch.nn.Transformer always ends both stacks with an extra LayerNorm; the paper's post-norm
+    # stack has none (each sub-layer's output is already normalised).
+    ref.encoder.norm = nn.Identity()
+    ref.decoder.norm = nn.Identity()
+    _load_from_torch(model, ref)
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.fast = fast
+    source, target = _batch(config)
+    ours = model(source, target)
+    with torch.no_grad():
+        src_emb, tgt_emb = model.source_embedding(source), model.target_embedding(target)
+        hidden = ref(
+            src_emb,
+            tgt_emb,
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(target.size(1)),
+            src_key_padding_mask=source == config.pad_id,
+            memory_key_padding_mask=source == config.pad_id,
+            tgt_is_causal=True,
+        )
+        expected = model.output_projection(hidden)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_positions_and_embedding_scale_by_hand():
+    table = sinusoidal_positions(10, 6)
+    pos, i = 7, 1  # dimensions 2i and 2i+1
+    angle = pos / 10000 ** (2 * i / 6)
+    assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+    assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    model = Transformer(TINY).eval()
+    ids = torch.tensor([[5, 6]])
+    emb = model.source_embedding(ids)
+    expected = model.source_embedding.tokens.weight[ids] * 4.0 + sinusoidal_positions(2, 16)
+    torch.testing.assert_close(emb, expected)
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = Transformer(TINY)
+    assert model.output_projection.weight is model.source_embedding.tokens.weight
+    assert model.target_embedding is model.source_embedding
+    untied = Transformer(TransformerConfig(**{**TINY.__dict__, "tie_embeddings": False}))
+    assert untied.output_projection.weight is not untied.source_embedding.tokens.weight
+
+
+def test_pre_norm_variant_runs_and_differs():
+    torch.manual_seed(0)
+    post = Transformer(TINY).eval()
+    pre = Transformer(TransformerConfig(**{**TINY.__dict__, "pre_norm": True})).eval()
+    pre.load_state_dict(post.state_dict(), strict=False)
+    source, target = _batch(TINY)
+    assert not torch.allclose(pre(source, target), post(source, target))
+
+
+def test_presets_are_the_papers_sizes():
+    base, big = PRESETS["base"], PRESETS["big"]
+    assert (base.d_model, base.n_encoder_layers, base.n_heads, base.d_ff, base.dropout) == (
+        512,
+        6,
+        8,
+        2048,
+        0.1,
+    )
+    assert (big.d_model, big.n_heads, big.d_ff, big.dropout) == (1024, 16, 4096, 0.3)
+    # Table 3: base has 65M parameters with its 37k joint vocabulary.
+    with torch.device("meta"):  # count without allocating
+        n = sum(p.numel() for p in Transformer(base).parameters())
+    assert 60e6 < n < 66e6
+
+
+def test_learning_rate_is_equation_3():
+    d, warmup = 512, 4000
+    # by hand: 512^-0.5 = 0.0441942, 4000^-1.5 = 3.95285e-6
+    assert learning_rate(1, d, warmup) == pytest.approx(0.0441942 * 3.95285e-6, rel=1e-5)
+    assert learning_rate(4000, d, warmup) == pytest.approx(0.0441942 / math.sqrt(4000), rel=1e-6)
+    assert learning_rate(16000, d, warmup) == pytest.approx(0.0441942 / 126.4911, rel=1e-5)
+    peak = max(learning_rate(s, d, warmup) for s in range(1, 10000))
+    assert peak == learning_rate(4000, d, warmup)
+
+
+def test_label_smoothed_loss_by_hand():
+    logits = torch.tensor([[[1.0, 2.0, 0.0, -1.0], [0.5, 0.5, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]]])
+    target = torch.tensor([[1, 3, 0]])  # the last position is padding
+    loss, n = label_smoothed_loss(logits, target, smoothing=0.1, pad_id=0)
+    expected = 0.0
+    for row, y in ((logits[0, 0].tolist(), 1), (logits[0, 1].tolist(), 3)):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        nll = [log_z - v for v in row]
+        expected += 0.9 * nll[y] + 0.1 * sum(nll) / 4
+    assert n == 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_length_penalty_is_gnmt():
+    assert length_penalty(7, 0.6) == pytest.approx((12 / 6) ** 0.6)
+    assert length_penalty(3, 0.0) == 1.0
+
+
+def _trained_ish_model(seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(TINY).eval()
+    with torch.no_grad():  # sharpen the output distribution so decodes are long and varied
+        model.output_projection.weight.mul_(3.0)
+    return model
+
+
+def test_cached_decoding_equals_recomputing_the_prefix():
+    model = _trained_ish_model()
+    source, _ = _batch(TINY, batch=4, src_len=6)
+    cached = greedy_decode(model, source, bos_id=1, eos_id=2, max_extra=8, use_cache=True)
+    full = greedy_decode(model, source, bos_id=1, eos_id=2, max_extra=8, use_cache=False)
+    assert cached == full
+    assert max(len(h) for h in cached) > 3
+    # the logits, not only the argmax, agree step by step
+    source_mask = model.source_mask(source)
+    memory = model.encode(source, source_mask)
+    prefix = torch.randint(3, TINY.vocab_size, (4, 6))
+    state = model.new_state(4, 6, memory)
+    steps = [model.decode(prefix[:, t : t + 1], memory, source_mask, state) for t in range(6)]
+    torch.testing.assert_close(
+        torch.cat(steps, 1), model.decode(prefix, memory, source_mask), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_static_cross_attention_cache_projects_once():
+    attn = MultiHeadAttention(16, 4).eval()
+    x, context = torch.randn(2, 1, 16), torch.randn(2, 5, 16)
+    cache = StaticKVCache()
+    first = attn(x, context, cache=cache)
+    again = attn(x, torch.zeros_like(context), cache=cache)  # the context is not read again
+    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(first, attn(x, context))
+
+
+def test_beam_one_equals_greedy():
+    for seed in range(3):
+        model = _trained_ish_model(seed)
+        source, _ = _batch(TINY, batch=5, src_len=6, seed=seed)
+        greedy = greedy_decode(model, source, bos_id=1, eos_id=2, max_extra=10)
+        beam = beam_search(model, source, bos_id=1, eos_id=2, beam_size=1, max_extra=10)
+        assert beam == greedy
+
+
+def _sequence_log_prob(model, source, hypothesis, eos_id=2, bos_id=1):
+    target = torch.tensor([[bos_id] + hypothesis + [eos_id]])
+    logits = model(source[None], target[:, :-1])
+    logp = torch.log_softmax(logits, -1)[0]
+    return sum(logp[t, target[0, t + 1]].item() for t in range(len(hypothesis) + 1))
+
+
+def test_beam_search_finds_a_hypothesis_at_least_as_good_as_greedy():
+    model = _trained_ish_model(1)
+    source, _ = _batch(TINY, batch=4, src_len=5, seed=1)
+    alpha = 0.6
+    greedy = greedy_decode(model, source, bos_id=1, eos_id=2, max_extra=6)
+    beam = beam_search(model, source, bos_id=1, eos_id=2, beam_size=4, alpha=alpha, max_extra=6)
+    for b in range(4):
+        if len(greedy[b]) >= (source[b] != 0).sum() + 6:
+            continue  # greedy hit the length limit without EOS: not a finished hypothesis
+        beam_score, greedy_score = (
+            _sequence_log_prob(model, source[b], h) / length_penalty(len(h) + 1, alpha)
+            for h in (beam[b], greedy[b])
+        )
+        assert beam_score >= greedy_score - 1e-5
+    # batched beam search equals decoding each sentence alone
+    for b in range(4):
+        alone = beam_search(
+            model, source[b : b + 1, : int((source[b] != 0).sum())], 1, 2, 4, alpha, 6
+        )
+        assert alone[0] == beam[b]
