@@ -158,6 +158,16 @@ CONFIGS: dict[str, LlamaConfig] = {
         multiple_of=32,
         max_seq_len=64,
     ),  # fmt: skip
+    # Tiny Shakespeare with our BPE (vocabulary 512), same budget.
+    "shakespeare-bpe": LlamaConfig(
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=512,
+        multiple_of=32,
+        max_seq_len=64,
+    ),  # fmt: skip
     # The two configs of benchmarks/xllama.py (4.9M and 31.6M parameters).
     "bench-4.9m": LlamaConfig(
         dim=256,
