@@ -137,10 +137,9 @@ def cache_bench(ours, lengths=(32, 64, 128, 256)):
     prompt = list(range(1, 17))
     rows = []
     for n in lengths:
-        t_cached = min(
-            time_it(lambda: generate(ours, [prompt], n, temperature=0)) for _ in range(3)
-        )
-        t_plain = time_it(lambda: uncached_greedy(ours, prompt, n))
+        cached = lambda n=n: generate(ours, [prompt], n, temperature=0)
+        t_cached = min(time_it(cached) for _ in range(3))
+        t_plain = time_it(lambda n=n: uncached_greedy(ours, prompt, n))
         assert generate(ours, [prompt], n, temperature=0)[0] == uncached_greedy(ours, prompt, n)
         rows.append((n, n / t_cached, n / t_plain, t_plain / t_cached))
     return rows

@@ -221,7 +221,8 @@ def get_config(name: str, **overrides) -> LlamaConfig:
 
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019, Eq. 4): x / sqrt(mean(x²) + eps) · g, without mean
-    centring or bias. Computed in float32 whatever the input dtype, then cast back."""
+    centring or bias. Normalised in float32 whatever the input dtype, cast back, then scaled by the
+    gain (Meta's order). `F.rms_norm` is that formula in one kernel."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -229,9 +230,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 class FeedForward(nn.Module):
@@ -289,16 +290,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairing: str = "adjacent") -
 
 class Rotary:
     """The `rotary` hook of MultiHeadAttention for one forward pass: rotates q and k at the given
-    positions (shared by every layer, so the tables are gathered once)."""
+    positions. Built once per forward and shared by every layer, so the per-layer work is a few
+    fused element-wise ops (the same maths as `apply_rope`, which the tests check):
+
+    - adjacent: pairs as complex numbers times e^{i m θ} (Meta's `apply_rotary_emb`);
+    - half: x · cos + [x2, x1] · [-sin, sin] (rotate_half, with the sign folded into the table).
+    """
 
     def __init__(self, cos: Tensor, sin: Tensor, pairing: str):
-        self.cos, self.sin, self.pairing = cos, sin, pairing
+        self.pairing = pairing
+        if pairing == "adjacent":
+            self.rotation = torch.complex(cos, sin)
+        else:
+            self.cos = torch.cat((cos, cos), dim=-1)
+            self.sin = torch.cat((-sin, sin), dim=-1)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        if self.pairing == "adjacent":
+            pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+            return torch.view_as_real(pairs * self.rotation).flatten(-2).type_as(x)
+        half = x.size(-1) // 2
+        x32 = x.float()
+        swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+        return (x32 * self.cos + swapped * self.sin).type_as(x)
 
     def __call__(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        return (
-            apply_rope(q, self.cos, self.sin, self.pairing),
-            apply_rope(k, self.cos, self.sin, self.pairing),
-        )
+        return self.rotate(q), self.rotate(k)
 
 
 # --------------------------------------------------------------------------------------------------

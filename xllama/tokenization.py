@@ -74,9 +74,7 @@ class BPE:
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPE:
-        bpe = cls.tokenizer_class().train(
-            text, vocab_size, special_tokens={"<|endoftext|>": vocab_size - 1}
-        )
+        bpe = cls.tokenizer_class().train(text, vocab_size, special_tokens=["<|endoftext|>"])
         return cls(bpe)
 
     @classmethod
@@ -135,64 +133,27 @@ class SentencePiece:
         return {"kind": "sentencepiece", "file": self.file}
 
 
-class Tiktoken:
-    """A tiktoken encoding by name (`cl100k_base`; needs tiktoken's cache) or ranks file."""
+class Tiktoken(BPE):
+    """A tiktoken encoding (`cl100k_base`, `o200k_base`, `r50k_base`), by name (tiktoken's cache)
+    or from its ranks file (`cl100k_base.tiktoken`), through our `BPETokenizer.from_tiktoken`."""
 
     kind = "tiktoken"
-    bos_id = None
 
     def __init__(self, name_or_path: str):
-        import tiktoken
-
-        self.name = str(name_or_path)
         path = Path(name_or_path)
-        if path.suffix == ".tiktoken":
-            from tiktoken.load import load_tiktoken_bpe
-
-            if not path.is_file():
-                raise XLlamaError(f"tiktoken ranks file not found: {path}")
-            base = path.stem  # cl100k_base / o200k_base take their pattern and specials
-            known = _tiktoken_constructor(base)
-            ranks = load_tiktoken_bpe(str(path))
-            self.enc = tiktoken.Encoding(
-                name=base,
-                pat_str=known["pat_str"],
-                mergeable_ranks=ranks,
-                special_tokens=known["special_tokens"],
-            )
-        else:
-            try:
-                self.enc = tiktoken.get_encoding(self.name)
-            except Exception as exc:
-                raise XLlamaError(f"cannot load tiktoken encoding {self.name!r}: {exc}") from None
-        self.eos_id = self.enc._special_tokens.get("<|endoftext|>")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.enc.n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
+        cls = self.tokenizer_class()
+        try:
+            if path.suffix == ".tiktoken":
+                bpe = cls.from_tiktoken(path.stem, ranks_file=path)
+            else:
+                bpe = cls.from_tiktoken(str(name_or_path))
+        except Exception as exc:
+            raise XLlamaError(f"cannot load tiktoken encoding {name_or_path}: {exc}") from None
+        super().__init__(bpe)
+        self.name = str(name_or_path)
 
     def spec(self) -> dict:
         return {"kind": "tiktoken", "name": self.name}
-
-
-def _tiktoken_constructor(base: str) -> dict:
-    """Pattern and special tokens of a known tiktoken encoding, without downloading its ranks."""
-    import tiktoken_ext.openai_public as public
-
-    if not hasattr(public, base):
-        raise XLlamaError(f"unknown tiktoken encoding {base!r} (name the file after its encoding)")
-    original = public.load_tiktoken_bpe
-    try:  # the constructor would download the ranks we already have; give it none
-        public.load_tiktoken_bpe = lambda *a, **k: {}
-        return getattr(public, base)()
-    finally:
-        public.load_tiktoken_bpe = original
 
 
 def load_tokenizer(spec: dict | str, base_dir: Path | None = None):

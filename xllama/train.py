@@ -87,7 +87,9 @@ class TrainConfig:
 
 # Training settings that go with a named model config (flags still override them).
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(steps=20, batch_size=4, eval_every=10, eval_batches=2, sample_tokens=20),
+    "tiny": TrainConfig(
+        steps=20, batch_size=4, warmup_steps=2, eval_every=10, eval_batches=2, sample_tokens=20
+    ),
     "small": TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=50, time_limit=4.0),
     "shakespeare-char": TrainConfig(
         steps=5000,

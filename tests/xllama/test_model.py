@@ -146,6 +146,17 @@ def test_rope_rotation_is_the_complex_product():
     torch.testing.assert_close(apply_rope(x, cos, sin, "adjacent"), expected.flatten(-2).float())
 
 
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+def test_fast_rotary_hook_equals_reference_rope(pairing):
+    from xllama.model import Rotary
+
+    cos, sin = rope_tables(16, 10)
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
+    fast_q, fast_k = Rotary(cos, sin, pairing)(q, k)
+    torch.testing.assert_close(fast_q, apply_rope(q, cos, sin, pairing))
+    torch.testing.assert_close(fast_k, apply_rope(k, cos, sin, pairing))
+
+
 def test_linear_position_interpolation_scales_positions():
     cos2, sin2 = rope_tables(8, 20, scaling=2.0)
     cos1, sin1 = rope_tables(8, 20)
