@@ -306,13 +306,15 @@ class Rotary:
             self.sin = torch.cat((-sin, sin), dim=-1)
 
     def rotate(self, x: Tensor) -> Tensor:
+        x32 = x if x.dtype == torch.float32 else x.float()
         if self.pairing == "adjacent":
-            pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-            return torch.view_as_real(pairs * self.rotation).flatten(-2).type_as(x)
-        half = x.size(-1) // 2
-        x32 = x.float()
-        swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
-        return (x32 * self.cos + swapped * self.sin).type_as(x)
+            pairs = torch.view_as_complex(x32.view(*x.shape[:-1], -1, 2))
+            out = torch.view_as_real(pairs * self.rotation).flatten(-2)
+        else:
+            half = x.size(-1) // 2
+            swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+            out = x32 * self.cos + swapped * self.sin
+        return out if x.dtype == torch.float32 else out.type_as(x)
 
     def __call__(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return self.rotate(q), self.rotate(k)
@@ -377,11 +379,12 @@ class Cache:
     """Everything a batch carries between decoding steps.
 
     - one KV cache per layer (preallocated `KVCache`, or `RollingKVCache` with a sliding window);
-    - `key_valid` (batch, max_len): which cached slots hold real tokens (False = left padding);
-    - `next_position` (batch,): the rotary position of each row's next real token.
+    - `length`: slots used so far (slot = step index, shared by the batch);
+    - `pad` (batch,) or None: how many padding slots each row starts with (left padding);
+    - `key_valid` (batch, max_len): which slots hold real tokens (False = left padding).
 
-    Slots are shared by the batch (slot = step index); positions are per row, so a row padded on
-    the left by p slots has position = slot - p and its results equal running it alone.
+    Row b's rotary position at slot s is s - pad[b], so a row padded on the left has the same
+    positions, and (masking its padding) the same results, as when it runs alone.
     """
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, device=None, dtype=None):
@@ -400,8 +403,7 @@ class Cache:
             ]
         self.rolling = window is not None
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
-        self.has_padding = False
+        self.pad: Tensor | None = None
         self.length = 0
 
     def reorder(self, index: Tensor) -> None:
@@ -410,7 +412,8 @@ class Cache:
             layer.k = layer.k.index_select(0, index)
             layer.v = layer.v.index_select(0, index)
         self.key_valid = self.key_valid.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, index)
         self.batch = len(index)
 
 
@@ -495,59 +498,63 @@ class Llama(nn.Module):
 
     # -- masks and positions ------------------------------------------------------------------
     def _attention_inputs(self, tokens, attention_mask, positions, cache):
-        """Rotary positions, the boolean attention mask (True = may attend) and is_causal."""
-        batch, T = tokens.shape
+        """(positions or None, first slot, boolean attention mask or None, is_causal).
+
+        positions None means every row sits at slots first..first+T-1 (no padding): the rotary
+        tables are then sliced rather than gathered. Masks are True where a query may attend.
+        """
+        T = tokens.size(1)
         device = tokens.device
         window = self.config.sliding_window
-        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask.to(torch.bool)
+            if bool(valid.all()):
+                valid = None
 
         if cache is None:
-            if positions is None:
-                if valid is None:
-                    positions = torch.arange(T, device=device)[None]
-                else:
-                    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+            if valid is not None and positions is None:
+                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
             if valid is None and window is None:
-                return positions, None, True  # the fused causal kernel
+                return positions, 0, None, True  # the fused causal kernel
             slots = torch.arange(T, device=device)
             mask = self._slot_mask(slots, slots, window)[None, None]  # (1, 1, T, T)
             if valid is not None:
-                mask = (mask & valid[:, None, None, :]) | torch.eye(
-                    T, dtype=torch.bool, device=device
-                )
-            return positions, mask, False
+                diagonal = torch.eye(T, dtype=torch.bool, device=device)
+                mask = (mask & valid[:, None, None, :]) | diagonal
+            return positions, 0, mask, False
 
         start = cache.length
         if start + T > cache.max_len:
             raise XLlamaError(
                 f"sequence of {start + T} tokens does not fit the cache of {cache.max_len}"
             )
-        if valid is not None and not bool(valid.all()):
-            cache.has_padding = True
-        if positions is None:
-            if valid is None:
-                positions = cache.next_position[:, None] + torch.arange(T, device=device)
-            else:
-                positions = cache.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
-        cache.next_position += T if valid is None else valid.sum(1)
         if valid is not None:
-            cache.key_valid[:, start : start + T] = valid
+            if start > 0 or bool((valid[:, 1:].long() < valid[:, :-1].long()).any()):
+                raise XLlamaError(
+                    "with a KV cache, padding must be on the left of the first chunk only"
+                )
+            cache.pad = (~valid).sum(1)
+            cache.key_valid[:, :T] = valid
         cache.length = start + T
-
-        if T == 1 and not cache.has_padding and (not cache.rolling or start + 1 >= window):
-            return positions, None, False  # one token sees every cached key
+        if positions is None and cache.pad is not None:
+            slots = torch.arange(start, start + T, device=device)
+            positions = (slots[None] - cache.pad[:, None]).clamp(min=0)
+        padded = cache.pad is not None
+        if T == 1 and not padded and (not cache.rolling or start + 1 >= window):
+            return positions, start, None, False  # one token sees every cached key
         query_slots = torch.arange(start, start + T, device=device)
         if cache.rolling:
             key_slots = cache.layers[0].key_slots(T, device)
         else:
             key_slots = torch.arange(start + T, device=device)
         mask = self._slot_mask(query_slots, key_slots, window)[None, None]
-        if cache.has_padding:
+        if padded:
             key_valid = cache.key_valid[:, key_slots.clamp(min=0)]
             mask = mask & key_valid[:, None, None, :]
             # Padding queries see themselves only, so their (unused) rows never softmax over nothing.
             mask = mask | (query_slots[:, None] == key_slots[None, :])
-        return positions, mask, False
+        return positions, start, mask, False
 
     @staticmethod
     def _slot_mask(query_slots: Tensor, key_slots: Tensor, window: int | None) -> Tensor:
@@ -577,11 +584,13 @@ class Llama(nn.Module):
             raise XLlamaError(
                 f"sequence of {T} tokens is longer than the context ({self.config.max_seq_len})"
             )
-        positions, mask, is_causal = self._attention_inputs(
+        positions, start, mask, is_causal = self._attention_inputs(
             tokens, attention_mask, positions, cache
         )
-        cos = self.rope_cos[positions][:, None]  # (batch or 1, 1, T, head_dim / 2)
-        sin = self.rope_sin[positions][:, None]
+        if positions is None:  # the same positions for every row: slice the tables
+            cos, sin = self.rope_cos.narrow(0, start, T), self.rope_sin.narrow(0, start, T)
+        else:  # per-row positions: (batch, 1, T, head_dim / 2)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         rotary = Rotary(cos, sin, self.config.rope_pairing)
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
