@@ -29,17 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xllama.generate",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
-    parser.add_argument("--prompt", default="\n", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     parser.add_argument(
-        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy"
+        "--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)"
     )
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely")
     parser.add_argument(
-        "--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass p"
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="softmax temperature; 0 = greedy (default: 0.8)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=200, help="sample among the k most likely (default: 200)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling: the smallest set of tokens with mass p (default: off)",
     )
     parser.add_argument(
         "--no-stop-at-eos", action="store_true", help="keep going after the end-of-text token"

@@ -140,13 +140,13 @@ CONFIGS: dict[str, LlamaConfig] = {
     ),
     # Trains on a laptop CPU in minutes (the default of xllama.train: BPE on the embedded corpus).
     "small": LlamaConfig(
-        dim=256,
+        dim=192,
         n_layers=4,
-        n_heads=8,
+        n_heads=6,
         n_kv_heads=2,
-        vocab_size=4096,
-        multiple_of=16,
-        max_seq_len=256,
+        vocab_size=2048,
+        multiple_of=32,
+        max_seq_len=128,
     ),  # fmt: skip
     # Tiny Shakespeare, characters, 3 minutes of CPU (compare nanoGPT's shakespeare_char CPU run).
     "shakespeare-char": LlamaConfig(

@@ -56,7 +56,7 @@ class TrainConfig:
     lr: float = 1e-3
     """peak learning rate"""
     min_lr: float = 1e-4
-    """learning rate at the end of the cosine decay (Llama 2: 10% of the peak)"""
+    """learning rate at the end of the cosine decay (Llama 2: a tenth of the peak)"""
     warmup_steps: int = 50
     """linear warm-up steps"""
     weight_decay: float = 0.1
@@ -90,7 +90,16 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(
         steps=20, batch_size=4, warmup_steps=2, eval_every=10, eval_batches=2, sample_tokens=20
     ),
-    "small": TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=50, time_limit=4.0),
+    "small": TrainConfig(
+        steps=2000,
+        batch_size=8,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=50,
+        time_limit=4.0,
+        eval_every=100,
+        eval_batches=10,
+    ),  # fmt: skip
     "shakespeare-char": TrainConfig(
         steps=5000,
         batch_size=12,
@@ -163,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xllama.train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
@@ -183,12 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="bpe",
         help="bpe: train our byte-level BPE on the text (vocab = --vocab-size); char: one token "
         "per character; or a tokenizer file (tokenizer.bpe, sentencepiece .model, .tiktoken, "
-        "tiktoken:NAME)",
+        "tiktoken:NAME) (default: bpe)",
     )
     parser.add_argument(
         "--config",
         default="small",
-        help=f"model preset: {', '.join(CONFIGS)}; its training defaults too",
+        help=f"model preset: {', '.join(CONFIGS)}; its training defaults too (default: small)",
     )
     add_dataclass_arguments(parser, LlamaConfig, "model (overrides the preset)")
     add_dataclass_arguments(parser, TrainConfig, "training (overrides the preset)")

@@ -218,3 +218,14 @@ def test_library_generate_still_works_after_the_command_module_is_imported():
         model, [[1, 2]], 3, temperature=0
     )
     assert np is not None
+
+
+@pytest.mark.parametrize("main", [train_main, generate_main])
+def test_help_lists_every_flag(main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--device" in out and "--seed" in out
+    if main is train_main:
+        assert "--n-kv-heads" in out and "--rope-pairing" in out and "--grad-accum" in out
