@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     else:
         model = load_model(args.checkpoint)
     model = model.to(device=device, dtype=dtype).eval()
+    model.reset_rope_tables()  # keep the rotary tables in float32
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     else:

@@ -243,10 +243,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return F.dropout(out, self.dropout) if self.training and self.dropout else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,13 +434,15 @@ class TransformerBlock(nn.Module):
         )
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
-        self.residual_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, mask=None, is_causal=False, cache=None, rotary=None) -> Tensor:
         attn = self.attention(
             self.attention_norm(x), mask=mask, is_causal=is_causal, cache=cache, rotary=rotary
         )
-        h = x + self.residual_dropout(attn)
+        if self.training and self.dropout:
+            attn = F.dropout(attn, self.dropout)
+        h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -455,7 +458,6 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -592,7 +594,9 @@ class Llama(nn.Module):
         else:  # per-row positions: (batch, 1, T, head_dim / 2)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         rotary = Rotary(cos, sin, self.config.rope_pairing)
-        h = self.dropout(self.tok_embeddings(tokens))
+        h = self.tok_embeddings(tokens)
+        if self.training and self.config.dropout:
+            h = F.dropout(h, self.config.dropout)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             h = layer(h, mask=mask, is_causal=is_causal, cache=layer_cache, rotary=rotary)
