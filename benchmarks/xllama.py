@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", nargs="+", default=["bench-4.9m", "bench-31.6m"])
-    parser.add_argument("--skip-cache", action="store_true")
+    parser.add_argument("--skip-cache", action="store_true", help="no cached/uncached table")
+    parser.add_argument("--skip-train", action="store_true", help="no training-step table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -186,13 +187,14 @@ def main(argv=None) -> int:
         o, h = results[(name, 1)]
         print(f"| {name} | {per_token / 1e6:.1f} | {per_token * o / 1e9:.2f} | "
               f"{per_token * o / bw:.1%} | {per_token * h / 1e9:.2f} |")  # fmt: skip
-    print()
-    print("| config | train step ms (8 x 256, AdamW) ours | HF | HF/ours |")
-    print("|---|---|---|---|")
-    for name in args.configs:
-        ours, theirs = results[name]
-        o, h = train_bench(ours, theirs, max(3, args.repeats))
-        print(f"| {name} | {o:.0f} | {h:.0f} | {h / o:.2f}x |")
+    if not args.skip_train:
+        print()
+        print("| config | train step ms (8 x 256, AdamW) ours | HF | HF/ours |")
+        print("|---|---|---|---|")
+        for name in args.configs:
+            ours, theirs = results[name]
+            o, h = train_bench(ours, theirs, max(3, args.repeats))
+            print(f"| {name} | {o:.0f} | {h:.0f} | {h / o:.2f}x |")
     if not args.skip_cache:
         ours, _ = results[args.configs[0]]
         print()

@@ -70,7 +70,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """clip the global gradient norm to this (0 = off)"""
     time_limit: float | None = None
-    """minutes of training: the cosine schedule follows elapsed time and training stops there"""
+    """minutes of training: the cosine schedule follows elapsed time and training stops there
+    (0 = no limit: the schedule follows steps)"""
     eval_every: int = 200
     """estimate the validation loss every N steps (0 = only at the end)"""
     eval_batches: int = 20
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in
                  torch.cuda.get_device_name(device)), None)  # fmt: skip
     start = time.perf_counter()
-    limit_s = None if train_cfg.time_limit is None else train_cfg.time_limit * 60
+    limit_s = train_cfg.time_limit * 60 if train_cfg.time_limit else None
     val_loss = None
     last_step = run.start_step
     model.train()
