@@ -86,7 +86,7 @@ PRESETS: dict[str, Preset] = {
     "digits": Preset(
         UNetConfig(8, 1, 32, (1, 2), 2, (4,), norm_groups=8),
         DiffusionConfig(),
-        TrainConfig(steps=3000, batch_size=64, lr=1e-3, eval_samples=1000, **_SHORT),
+        TrainConfig(steps=2500, batch_size=64, lr=1e-3, eval_samples=1000, **_SHORT),
     ),
     "gray16": Preset(
         UNET_CONFIGS["gray16"],
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         raise DaliError(
             f"--eval-sampler must be ancestral or ddim, not {train_config.eval_sampler!r}"
         )
-    if not 1 <= train_config.eval_steps <= diffusion_config.timesteps:
+    if train_config.eval_samples and not 1 <= train_config.eval_steps <= diffusion_config.timesteps:
         raise DaliError(f"--eval-steps must be between 1 and T = {diffusion_config.timesteps}")
     if args.out is None:
         raise DaliError("--out DIR is required: the run directory to write into")
