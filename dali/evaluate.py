@@ -72,20 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dali.evaluate",
         description="Print the Fréchet distance of a checkpoint's samples to the real data, in the "
         "feature space of a classifier trained on that data, with the real-vs-real floor.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="checkpoint or run directory"
     )
-    parser.add_argument("--n", type=int, default=1000, help="samples to generate and compare")
+    parser.add_argument(
+        "--n", type=int, default=1000, help="samples to generate and compare (default: 1000)"
+    )
     parser.add_argument(
         "--sampler",
         choices=["ancestral", "ddim"],
         default="ddim",
-        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al.",
+        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al. (default: ddim)",
     )
-    parser.add_argument("--steps", type=int, default=100, help="DDIM steps (at most T)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    parser.add_argument("--steps", type=int, default=100, help="DDIM steps, 1..T (default: 100)")
+    parser.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM η, 0 is deterministic (default: 0)"
+    )
     parser.add_argument(
         "--data",
         default=None,

@@ -30,21 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dali.sample",
         description="Sample images from a DDPM checkpoint (EMA weights).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="checkpoint or run directory"
     )
-    parser.add_argument("--n", type=int, default=64, help="number of samples")
+    parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     parser.add_argument(
         "--sampler",
         choices=["ancestral", "ddim"],
         default="ancestral",
-        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al. over --steps steps",
+        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al. over --steps steps "
+        "(default: ancestral)",
     )
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (1..T)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples generated at once")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps, 1..T (default: 50)")
+    parser.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="samples generated at once (default: 256)"
+    )
     parser.add_argument("--save-npz", type=Path, default=None, help="also save the raw samples")
     parser.add_argument("--chain", type=Path, default=None, help="write the x̂₀ chain strip PNG")
     parser.add_argument(
@@ -53,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="chain column every k timesteps (default: T/10)",
     )
-    parser.add_argument("--chain-rows", type=int, default=8, help="samples shown in the chain")
-    parser.add_argument("--scale", type=int, default=None, help="upscale factor of the PNGs")
+    parser.add_argument(
+        "--chain-rows", type=int, default=8, help="samples shown in the chain (default: 8)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help="upscale factor of the PNGs (default: 64 / image size)",
+    )
     add_common_arguments(parser, training=False)
     parser._option_string_actions[
         "--out"

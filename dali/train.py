@@ -122,7 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dali.train",
         description="Train a DDPM (Ho et al. 2020). The default trains on scikit-learn's 8×8 digits "
         "(offline) and produces recognisable digits in a few CPU minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--data",
