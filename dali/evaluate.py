@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="labelled real data to compare with (default: the checkpoint's own)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     add_common_arguments(parser, training=False)
+    parser._option_string_actions["--out"].help = "also write the numbers to this JSON file"
     return parser
 
 
@@ -121,8 +121,9 @@ def main(argv=None) -> int:
     for line in report.lines():
         print(line)
     print(f"took {time.perf_counter() - started:.0f}s")
-    if args.json is not None:
-        args.json.write_text(
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
             json.dumps({**report.to_dict(), "sampler": args.sampler, "steps": steps}, indent=2)
             + "\n"
         )

@@ -86,7 +86,7 @@ PRESETS: dict[str, Preset] = {
     "digits": Preset(
         UNetConfig(8, 1, 32, (1, 2), 2, (4,), norm_groups=8),
         DiffusionConfig(),
-        TrainConfig(steps=2500, batch_size=64, lr=1e-3, eval_samples=1000, **_SHORT),
+        TrainConfig(steps=1500, batch_size=64, lr=1e-3, eval_samples=1000, eval_steps=50, **_SHORT),
     ),
     "gray16": Preset(
         UNET_CONFIGS["gray16"],
