@@ -1,0 +1,31 @@
+"""Denoising Diffusion Probabilistic Models (Ho et al. 2020), with DDIM sampling (Song et al. 2021)
+and a Fréchet-distance sample-quality measure that needs no downloaded weights."""
+
+from .data import DaliError, ImageDataset, load_dataset, save_grid
+from .diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas
+from .model import UNET_CONFIGS, UNet, UNetConfig, timestep_embedding
+from .pipeline import DDPM, ema_update, generate, load_ddpm
+from .quality import Classifier, evaluate_samples, frechet_distance, train_classifier
+
+__all__ = [
+    "DDPM",
+    "UNET_CONFIGS",
+    "Classifier",
+    "DaliError",
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "ImageDataset",
+    "UNet",
+    "UNetConfig",
+    "cosine_betas",
+    "ema_update",
+    "evaluate_samples",
+    "frechet_distance",
+    "generate",
+    "linear_betas",
+    "load_dataset",
+    "load_ddpm",
+    "save_grid",
+    "timestep_embedding",
+    "train_classifier",
+]

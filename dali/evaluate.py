@@ -1,0 +1,139 @@
+"""Measure a checkpoint's sample quality: Fréchet distance in a digit classifier's feature space.
+
+    python -m dali.evaluate --checkpoint runs/digits --n 1000
+    python -m dali.evaluate --checkpoint runs/mnist --n 10000 --sampler ddim --steps 50
+
+Trains the feature classifier on the checkpoint's own (labelled) training data, or on `--data`,
+generates `--n` samples with the EMA weights, and prints the distance, the real-vs-real floor and
+the label distribution (see dali/quality.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from transformer.cli import add_common_arguments, run_command
+from transformer.runtime import select_device, select_dtype
+
+from .data import DaliError, ImageDataset, load_dataset
+from .pipeline import DDPM, generate, load_ddpm
+from .quality import QualityReport, evaluate_samples, train_classifier
+
+
+def measure_quality(
+    ddpm: DDPM,
+    data: ImageDataset,
+    n: int,
+    sampler: str = "ddim",
+    steps: int | None = 100,
+    eta: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    samples: torch.Tensor | None = None,
+    progress: bool = True,
+) -> QualityReport:
+    """Generate `n` samples (unless given) and compare them with `data` in the feature space of
+    a classifier trained on `data`."""
+    if data.labels is None:
+        raise DaliError(
+            f"{data.name} has no labels to train the feature classifier on; "
+            "use digits or mnist:DIR (or call dali.quality.evaluate_samples with your own features)"
+        )
+    classifier, accuracy = train_classifier(data.images, data.labels, seed=seed, device=device)
+    if samples is None:
+        samples = generate(
+            ddpm,
+            n,
+            sampler,
+            steps,
+            eta,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            batch_size=500,
+            progress=progress,
+        )
+    report = evaluate_samples(
+        samples, data.images, classifier.features, classifier, seed=seed, device=device
+    )
+    report.classifier_accuracy = accuracy
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dali.evaluate",
+        description="Print the Fréchet distance of a checkpoint's samples to the real data, in the "
+        "feature space of a classifier trained on that data, with the real-vs-real floor.",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint or run directory"
+    )
+    parser.add_argument(
+        "--n", type=int, default=1000, help="samples to generate and compare (default: 1000)"
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=["ancestral", "ddim"],
+        default="ddim",
+        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al. (default: ddim)",
+    )
+    parser.add_argument("--steps", type=int, default=100, help="DDIM steps, 1..T (default: 100)")
+    parser.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM η, 0 is deterministic (default: 0)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="labelled real data to compare with (default: the checkpoint's own)",
+    )
+    add_common_arguments(parser, training=False)
+    parser._option_string_actions["--out"].help = "also write the numbers to this JSON file"
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n < 2:
+        raise DaliError(f"--n must be at least 2, got {args.n}")
+    device = select_device(args.device)
+    dtype = select_dtype(args.dtype, device)
+    ddpm, config = load_ddpm(args.checkpoint, device)
+    if args.sampler == "ddim" and not 1 <= args.steps <= ddpm.diffusion.timesteps:
+        raise DaliError(
+            f"--steps must be between 1 and T = {ddpm.diffusion.timesteps}, got {args.steps}"
+        )
+    c = ddpm.unet_config
+    data = load_dataset(args.data or config.get("data", "digits"), c.image_size, c.in_channels)
+    started = time.perf_counter()
+    report = measure_quality(
+        ddpm, data, args.n, args.sampler, args.steps, args.eta, args.seed, device, dtype
+    )
+    steps = ddpm.diffusion.timesteps if args.sampler == "ancestral" else args.steps
+    print(f"{args.sampler} sampler, {steps} steps, {args.n} samples, seed {args.seed}")
+    for line in report.lines():
+        print(line)
+    print(f"took {time.perf_counter() - started:.0f}s")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({**report.to_dict(), "sampler": args.sampler, "steps": steps}, indent=2)
+            + "\n"
+        )
+    return 0
+
+
+def cli() -> None:
+    """Console script `dali-evaluate`: the same as `python -m dali.evaluate`."""
+    sys.exit(run_command(main, prog="dali.evaluate"))
+
+
+if __name__ == "__main__":
+    cli()

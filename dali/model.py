@@ -1,0 +1,278 @@
+"""The U-Net of Denoising Diffusion Probabilistic Models (Ho et al. 2020, §4 and Appendix B).
+
+A PixelCNN++-style U-Net (Salimans et al. 2017) built from wide-ResNet blocks (Zagoruyko &
+Komodakis 2016) with group normalisation (Wu & He 2018) in place of weight normalisation:
+
+- the timestep t enters as the Transformer's sinusoidal position embedding (`timestep_embedding`),
+  passed through a two-layer MLP and added inside every residual block;
+- going down, each resolution has `num_res_blocks` residual blocks and then a strided convolution
+  halves the resolution; channel counts are `channels × channel_mult[level]`;
+- in the middle, residual block, self-attention, residual block;
+- going up, each resolution has `num_res_blocks + 1` residual blocks, each taking the matching
+  activation from the way down as a skip connection (concatenated), then nearest-neighbour
+  upsampling and a convolution;
+- single-head self-attention at the resolutions in `attention_resolutions` (the paper: 16×16),
+  computed by the shared `transformer.attention.MultiHeadAttention` over the H·W positions;
+- dropout 0.1 inside each residual block.
+
+The paper's CIFAR-10 model (`UNET_CONFIGS["cifar10"]`) has 35.7M parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.attention import MultiHeadAttention
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    """Height and width of the (square) images."""
+    in_channels: int = 3
+    """Image channels: 1 for grayscale, 3 for RGB."""
+    channels: int = 128
+    """Base channel count (paper: 128 for CIFAR-10)."""
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    """Channel multiplier per resolution level; the image is halved between levels."""
+    num_res_blocks: int = 2
+    """Residual blocks per resolution on the way down (paper: 2)."""
+    attention_resolutions: tuple[int, ...] = (16,)
+    """Resolutions (in pixels) with self-attention after each residual block (paper: 16)."""
+    attention_heads: int = 1
+    """Heads of each self-attention layer (paper: 1)."""
+    dropout: float = 0.1
+    """Dropout inside the residual blocks (paper: 0.1 on CIFAR-10)."""
+    norm_groups: int = 32
+    """Groups of every GroupNorm (paper: 32)."""
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        levels = len(self.channel_mult)
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"image_size {self.image_size} cannot be halved {levels - 1} times "
+                f"(channel_mult has {levels} levels)"
+            )
+        for width in {self.channels * m for m in self.channel_mult}:
+            if width % self.norm_groups:
+                raise ValueError(f"{width} channels do not split into {self.norm_groups} groups")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+UNET_CONFIGS: dict[str, UNetConfig] = {
+    # 8×8 grayscale (scikit-learn's digits): small enough to train on a CPU in minutes.
+    "digits": UNetConfig(
+        image_size=8,
+        in_channels=1,
+        channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(4,),
+        norm_groups=8,
+    ),
+    # 16×16 grayscale.
+    "gray16": UNetConfig(
+        image_size=16,
+        in_channels=1,
+        channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(8,),
+        norm_groups=8,
+    ),
+    # 28×28 grayscale (MNIST): 28 -> 14 -> 7, attention at 7×7.
+    "mnist": UNetConfig(
+        image_size=28,
+        in_channels=1,
+        channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(7,),
+        norm_groups=8,
+    ),
+    # 32×32 grayscale: 32 -> 16 -> 8 -> 4, attention at 8×8.
+    "gray32": UNetConfig(
+        image_size=32,
+        in_channels=1,
+        channels=64,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(8,),
+        norm_groups=16,
+    ),
+    # The paper's CIFAR-10 model: 32×32 RGB, 35.7M parameters.
+    "cifar10": UNetConfig(),
+}
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """The sinusoidal embedding of the Transformer (Vaswani et al. 2017, §3.5) applied to the
+    timestep: [sin(t·ω_i), cos(t·ω_i)] with ω_i = max_period^(-i/(dim/2 - 1)), i < dim/2."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=t.device)
+        / (half - 1)
+    )
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block: GN, swish, conv3×3, + projected time embedding, GN, swish, dropout,
+    conv3×3, plus the input (through a 1×1 convolution when the channel count changes)."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H·W positions of a feature map (the paper's 16×16 attention),
+    with a GroupNorm before it and a residual connection around it."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.attention = MultiHeadAttention(channels, heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        out = self.attention(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return x + out
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a 3×3 convolution of stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling, then a 3×3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The residual blocks (each optionally followed by attention) of one resolution, and the
+    resampling layer that follows them (None at the bottom of the way down / top of the way up)."""
+
+    def __init__(self, blocks: list[ResBlock], attentions: list[nn.Module], resample):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attentions = nn.ModuleList(attentions)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): maps a batch of noisy images (B, C, H, W) and integer timesteps (B,) to a
+    tensor of the same shape as the images."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch, groups, time_dim = c.channels, c.norm_groups, 4 * c.channels
+        self.time_mlp = nn.Sequential(
+            nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+        )
+        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+
+        def attention(width: int, resolution: int) -> nn.Module:
+            if resolution in c.attention_resolutions:
+                return AttentionBlock(width, c.attention_heads, groups)
+            return nn.Identity()
+
+        # Way down: remember the width of every activation that becomes a skip connection.
+        skip_widths, width, resolution = [ch], ch, c.image_size
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(c.channel_mult):
+            blocks, attentions = [], []
+            for _ in range(c.num_res_blocks):
+                blocks.append(ResBlock(width, ch * mult, time_dim, c.dropout, groups))
+                width = ch * mult
+                attentions.append(attention(width, resolution))
+                skip_widths.append(width)
+            resample = None
+            if level < len(c.channel_mult) - 1:
+                resample = Downsample(width)
+                resolution //= 2
+                skip_widths.append(width)
+            self.down.append(Level(blocks, attentions, resample))
+
+        self.mid_block1 = ResBlock(width, width, time_dim, c.dropout, groups)
+        self.mid_attention = AttentionBlock(width, c.attention_heads, groups)
+        self.mid_block2 = ResBlock(width, width, time_dim, c.dropout, groups)
+
+        # Way up: num_res_blocks + 1 blocks per level, each consuming one skip connection.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            blocks, attentions = [], []
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(
+                    ResBlock(width + skip_widths.pop(), ch * mult, time_dim, c.dropout, groups)
+                )
+                width = ch * mult
+                attentions.append(attention(width, resolution))
+            resample = None
+            if level > 0:
+                resample = Upsample(width)
+                resolution *= 2
+            self.up.append(Level(blocks, attentions, resample))
+
+        self.norm_out = nn.GroupNorm(groups, width)
+        self.conv_out = nn.Conv2d(width, c.in_channels, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.config.channels))
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for block, attention in zip(level.blocks, level.attentions):
+                h = attention(block(h, temb))
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attention(self.mid_block1(h, temb)), temb)
+        for level in self.up:
+            for block, attention in zip(level.blocks, level.attentions):
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), temb))
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,128 @@
+"""What a checkpoint holds and how the commands use it: the U-Net, its EMA copy and the diffusion.
+
+A dali checkpoint's `model.safetensors` stores both the trained weights (`model.*`) and their
+exponential moving average (`ema.*`); sampling uses the EMA weights, as the paper does (§4, "we
+used EMA on model parameters with a decay factor of 0.9999"). The diffusion constants follow from
+the config and are not stored.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from transformer.checkpoint import check_config, load_weights
+from transformer.run import find_checkpoint
+from transformer.runtime import autocast
+
+from .data import DaliError
+from .diffusion import DiffusionConfig, GaussianDiffusion
+from .model import UNet, UNetConfig
+
+
+class DDPM(nn.Module):
+    """The network being trained, its EMA, and the fixed diffusion process."""
+
+    def __init__(self, unet: UNetConfig, diffusion: DiffusionConfig):
+        super().__init__()
+        self.model = UNet(unet)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.diffusion = GaussianDiffusion(diffusion)
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        return self.model.config
+
+    def model_config(self) -> dict:
+        """The `model` entry of the checkpoint config: everything that fixes the weights' meaning."""
+        return {
+            "unet": self.model.config.to_dict(),
+            "diffusion": vars(self.diffusion.config).copy(),
+        }
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """θ_ema ← decay · θ_ema + (1 - decay) · θ for every parameter; buffers are copied."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The decay used after `step` updates: fixed, or with warm-up min(decay, (1 + n) / (10 + n))
+    (as in TensorFlow's ExponentialMovingAverage with num_updates), which lets short runs average
+    over their own length instead of remembering the random initialisation."""
+    if not warmup:
+        return decay
+    return min(decay, (1 + step) / (10 + step))
+
+
+def config_from_dict(model: dict) -> tuple[UNetConfig, DiffusionConfig]:
+    return UNetConfig(**model["unet"]), DiffusionConfig(**model["diffusion"])
+
+
+def load_ddpm(path: Path, device: torch.device | str = "cpu") -> tuple[DDPM, dict]:
+    """A checkpoint directory (or a run directory: its latest checkpoint) -> (DDPM, config)."""
+    checkpoint = find_checkpoint(Path(path))
+    config = check_config(checkpoint, "dali")
+    try:
+        unet_config, diffusion_config = config_from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DaliError(f"{checkpoint}/config.json does not describe a dali model: {exc}") from None
+    ddpm = DDPM(unet_config, diffusion_config)
+    load_weights(checkpoint, ddpm)
+    return ddpm.to(device).eval(), config
+
+
+def generate(
+    ddpm: DDPM,
+    n: int,
+    sampler: str = "ancestral",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+    on_step: Callable[[int, Tensor, Tensor], None] | None = None,
+    progress: bool = False,
+    use_ema: bool = True,
+) -> Tensor:
+    """n images in [-1, 1] from the EMA network, reproducible for `seed` (batches draw from one
+    generator in order). `on_step` sees only the first batch."""
+    device = torch.device(device)
+    net = ddpm.ema if use_ema else ddpm.model
+    net.eval()
+    c = ddpm.unet_config
+    diffusion = ddpm.diffusion.to(device)
+    if sampler == "ddim" and steps is not None and not 1 <= steps <= diffusion.timesteps:
+        raise DaliError(f"--steps must be between 1 and T = {diffusion.timesteps}, got {steps}")
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def model(x, t):
+        with autocast(device, dtype):
+            return net(x, t)
+
+    out = []
+    for start in range(0, n, batch_size):
+        shape = (min(batch_size, n - start), c.in_channels, c.image_size, c.image_size)
+        out.append(
+            diffusion.sample(
+                model,
+                shape,
+                sampler,
+                steps,
+                eta,
+                generator,
+                device,
+                on_step if start == 0 else None,
+                progress,
+            ).cpu()
+        )
+    return torch.cat(out)

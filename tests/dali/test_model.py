@@ -1,0 +1,90 @@
+"""The U-Net: shapes for every config, the paper's parameter count, the time embedding, training."""
+
+import pytest
+import torch
+
+from dali.diffusion import DiffusionConfig, GaussianDiffusion
+from dali.model import UNET_CONFIGS, UNet, UNetConfig, timestep_embedding
+from dali.pipeline import DDPM, ema_decay_at, ema_update, generate
+
+TINY = UNetConfig(8, 1, 8, (1, 2), 1, (4,), norm_groups=4)
+
+
+@pytest.mark.parametrize("name", sorted(UNET_CONFIGS))
+def test_output_shape_for_every_config(name):
+    config = UNET_CONFIGS[name]
+    torch.manual_seed(0)
+    model = UNet(config).eval()
+    x = torch.randn(2, config.in_channels, config.image_size, config.image_size)
+    with torch.no_grad():
+        y = model(x, torch.tensor([0, 999]))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_cifar10_model_has_the_papers_35_7M_parameters():
+    model = UNet(UNET_CONFIGS["cifar10"])
+    assert model.num_parameters() == 35_746_307  # "35.7 million parameters" (Ho et al., §4)
+    attention = [m for m in model.modules() if type(m).__name__ == "AttentionBlock"]
+    assert len(attention) == 2 + 3 + 1  # 16×16, way down (2) and up (3), plus the middle
+
+
+def test_timestep_embedding_matches_diffusers():
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    t = torch.tensor([0, 1, 17, 500, 999])
+    expected = embeddings.get_timestep_embedding(
+        t, 64, flip_sin_to_cos=False, downscale_freq_shift=1
+    )
+    torch.testing.assert_close(timestep_embedding(t, 64), expected)
+
+
+def test_config_that_cannot_be_halved_is_refused():
+    with pytest.raises(ValueError, match="cannot be halved"):
+        UNetConfig(image_size=28, channel_mult=(1, 2, 2, 2))
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    model = UNet(TINY)
+    model.train()
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    t, noise = torch.randint(0, 1000, (16,)), torch.randn(16, 1, 8, 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.eval()  # no dropout, so the two losses differ only by the step
+    before = diffusion.training_loss(model, x0, t, noise)
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    after = diffusion.training_loss(model, x0, t, noise)
+    assert after.item() < before.item()
+
+
+def test_ema_update_maths():
+    model, ema = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.fill_(-2.0)
+        ema.weight.fill_(0.0), ema.bias.fill_(0.0)
+    ema_update(ema, model, 0.9)
+    torch.testing.assert_close(ema.weight, torch.full((1, 2), 0.1))
+    ema_update(ema, model, 0.9)
+    torch.testing.assert_close(ema.weight, torch.full((1, 2), 0.19))  # 0.9·0.1 + 0.1·1
+    torch.testing.assert_close(ema.bias, torch.full((1,), -0.38))
+    assert ema_decay_at(0, 0.9999, warmup=False) == 0.9999
+    assert ema_decay_at(0, 0.9999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.9999, warmup=True) == pytest.approx(0.91)
+    assert ema_decay_at(10**6, 0.999, warmup=True) == 0.999
+
+
+def test_generate_is_reproducible_for_a_seed_and_uses_the_ema():
+    torch.manual_seed(0)
+    ddpm = DDPM(TINY, DiffusionConfig(timesteps=20))
+    a = generate(ddpm, 3, "ddim", 5, eta=1.0, seed=4)
+    b = generate(ddpm, 3, "ddim", 5, eta=1.0, seed=4)
+    c = generate(ddpm, 3, "ddim", 5, eta=1.0, seed=5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (3, 1, 8, 8) and a.abs().max() <= 1.0
+    with torch.no_grad():
+        for p in ddpm.model.parameters():
+            p.add_(0.5)
+    assert torch.equal(generate(ddpm, 3, "ddim", 5, eta=1.0, seed=4), a)  # EMA unchanged
+    assert not torch.equal(generate(ddpm, 3, "ddim", 5, eta=1.0, seed=4, use_ema=False), a)

@@ -1,0 +1,59 @@
+"""The Fréchet distance against closed forms and scipy, and the quality report."""
+
+import numpy as np
+import pytest
+import torch
+
+from dali.quality import (
+    evaluate_samples,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of_features,
+)
+
+
+def test_frechet_distance_of_diagonal_gaussians_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    var1, var2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected)
+    assert frechet_distance(mu1, np.diag(var1), mu1, np.diag(var1)) == pytest.approx(0, abs=1e-12)
+
+
+def test_frechet_distance_of_commuting_gaussians_closed_form():
+    """Σ₁ = Q diag(a) Qᵀ, Σ₂ = Q diag(b) Qᵀ share eigenvectors: Tr(...) = Σ(√a - √b)²."""
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(5, 5)))
+    a, b = np.array([1.0, 2, 3, 4, 5]), np.array([0.5, 2, 8, 1, 5])
+    d = frechet_distance(np.zeros(5), q @ np.diag(a) @ q.T, np.ones(5), q @ np.diag(b) @ q.T)
+    assert d == pytest.approx(5 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+
+
+def test_frechet_distance_matches_scipy_sqrtm_formula():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(1)
+    for dim in (2, 16, 64):
+        a, b = rng.normal(size=(dim, dim)), rng.normal(size=(dim, dim))
+        s1, s2 = a @ a.T + 0.1 * np.eye(dim), b @ b.T + 0.1 * np.eye(dim)
+        mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+        covmean = linalg.sqrtm(s1 @ s2).real
+        expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_statistics_and_evaluate_samples_with_any_feature_extractor():
+    torch.manual_seed(0)
+    real = torch.randn(400, 1, 2, 2)
+    mu, sigma = feature_statistics(real.flatten(1).numpy())
+    np.testing.assert_allclose(sigma, np.cov(real.flatten(1).numpy().T))
+    flatten = lambda x: x.flatten(1)
+    good = evaluate_samples(torch.randn(300, 1, 2, 2), real, flatten)
+    bad = evaluate_samples(torch.randn(300, 1, 2, 2) * 2 + 1, real, flatten)
+    assert good.n == 200 and bad.n == 200  # min(samples, half the real images)
+    assert good.floor == bad.floor
+    assert good.distance < 3 * good.floor < bad.distance
+    classify = lambda x: torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+    report = evaluate_samples(real[:10], real, flatten, classify)
+    assert sum(report.label_counts) == 10 and len(report.label_counts) == 2
+    assert frechet_distance_of_features(real.flatten(1), real.flatten(1)) == pytest.approx(
+        0, abs=1e-9
+    )
