@@ -107,6 +107,14 @@ def read_demonstrations(path: Path) -> list[Demonstration]:
     return out
 
 
+def read_prompts(path: Path) -> list[str]:
+    """Prompts for PPO or evaluation: the "prompt" field of each line (other fields ignored)."""
+    out = [_text(w, r, "prompt", '{"prompt": ...}') for w, r in _records(path)]
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
 def read_rankings(path: Path) -> list[Ranking]:
     """Preference data: comparisons {"prompt","chosen","rejected"} or rankings
     {"prompt","responses":[best..worst]} (a file may mix them)."""
