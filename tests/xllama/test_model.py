@@ -1,0 +1,220 @@
+"""The model against independent computations: cached decoding vs full forward, padding, the
+rolling-buffer cache vs a brute-force windowed forward, RoPE pairings, RMSNorm, parameter counts."""
+
+import math
+
+import pytest
+import torch
+
+from xllama import Llama, LlamaConfig, XLlamaError, generate, get_config, token_logprobs
+from xllama.model import RMSNorm, apply_rope, count_params_meta, rope_tables
+
+HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
+
+
+def tiny(n_kv_heads=2, **kw) -> Llama:
+    torch.manual_seed(0)
+    cfg = get_config("tiny", n_kv_heads=n_kv_heads, **kw)
+    return Llama(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_cached_decoding_equals_full_forward(kind):
+    model = tiny(HEADS[kind])
+    tokens = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(2, 20)
+        pieces = [model(tokens[:, :7], cache=cache)]  # a prompt chunk, then one token at a time
+        for t in range(7, 20):
+            pieces.append(model(tokens[:, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_and_right_padding_do_not_change_rows():
+    model = tiny()
+    a, b = torch.randint(1, 256, (1, 12)), torch.randint(1, 256, (1, 5))
+    with torch.no_grad():
+        alone_a, alone_b = model(a), model(b)
+        pad = torch.zeros(1, 7, dtype=torch.long)
+        right = model(
+            torch.cat([a, torch.cat([b, pad], 1)]),
+            attention_mask=torch.cat(
+                [torch.ones(1, 12), torch.cat([torch.ones(1, 5), torch.zeros(1, 7)], 1)]
+            ),
+        )
+        left = model(
+            torch.cat([a, torch.cat([pad, b], 1)]),
+            attention_mask=torch.cat(
+                [torch.ones(1, 12), torch.cat([torch.zeros(1, 7), torch.ones(1, 5)], 1)]
+            ),
+        )
+    torch.testing.assert_close(right[0], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left[0], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(right[1, :5], alone_b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left[1, 7:], alone_b[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_batched_greedy_generation_equals_each_prompt_alone(kind):
+    model = tiny(HEADS[kind])
+    prompts = [[5, 9, 200, 3, 17, 8, 44], [7], [100, 101, 102]]
+    batched = generate(model, prompts, 12, temperature=0)
+    alone = [generate(model, [p], 12, temperature=0)[0] for p in prompts]
+    assert batched == alone
+    # Against a cache-free greedy loop over the full forward pass.
+    for prompt, result in zip(prompts, alone):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert result == seq[len(prompt) :]
+
+
+def test_per_row_eos_stops_rows_independently():
+    model = tiny()
+    prompts = [[5, 9, 200], [7, 1]]
+    free = generate(model, prompts, 10, temperature=0)
+    eos = free[0][3]  # the 4th token of row 0 becomes the EOS
+    stopped = generate(model, prompts, 10, temperature=0, eos_id=eos)
+    assert stopped[0] == free[0][: free[0].index(eos) + 1]
+    row1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
+    assert stopped[1] == row1
+
+
+def test_sliding_window_rolling_cache_equals_windowed_forward():
+    window = 5
+    model = tiny(sliding_window=window)
+    tokens = torch.randint(0, 256, (2, 23))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(2, 40)
+        assert cache.rolling and cache.layers[0].k.size(2) == window
+        pieces = [model(tokens[:, :8], cache=cache)]  # chunk longer than the window
+        for t in range(8, 23):
+            pieces.append(model(tokens[:, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    # Brute force, one layer (with more, windows compound): token t of the windowed model equals
+    # the plain causal model run on tokens t-W+1..t only (RoPE is relative), reference attention.
+    one = tiny(sliding_window=window, n_layers=1)
+    plain = tiny(n_layers=1)
+    plain.load_state_dict(one.state_dict())
+    for layer in plain.layers:
+        layer.attention.fast = False
+    with torch.no_grad():
+        banded = one(tokens)
+        for t in (3, 9, 17):
+            alone = plain(tokens[:, max(0, t - window + 1) : t + 1])[:, -1]
+            torch.testing.assert_close(banded[:, t], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_generation_with_padding_matches_alone():
+    model = tiny(sliding_window=4)
+    prompts = [[5, 9, 200, 3, 17, 8, 44, 1, 2], [7, 8]]
+    batched = generate(model, prompts, 10, temperature=0)
+    assert batched == [generate(model, [p], 10, temperature=0)[0] for p in prompts]
+
+
+def test_rope_pairings_agree_through_the_weight_permutation():
+    from xllama.convert import permute_to_half
+
+    model = tiny(n_kv_heads=2)
+    cfg = model.config
+    half = Llama(get_config("tiny", n_kv_heads=2, rope_pairing="half")).eval()
+    state = model.state_dict()
+    for i in range(cfg.n_layers):
+        for name, heads in (("wq", cfg.n_heads), ("wk", cfg.kv_heads)):
+            key = f"layers.{i}.attention.{name}.weight"
+            state[key] = permute_to_half(state[key], heads)
+    half.load_state_dict(state)
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(half(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_rotation_is_the_complex_product():
+    """Adjacent pairing equals multiplying (x_2i + i x_2i+1) by e^{i m θ_i} (RoFormer Eq. 34)."""
+    d, m = 8, torch.arange(6)
+    cos, sin = rope_tables(d, 6, theta=10000.0)
+    x = torch.randn(6, d)
+    theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = torch.view_as_complex(x.double().reshape(6, d // 2, 2).contiguous())
+    expected = torch.view_as_real(
+        z * torch.polar(torch.ones(6, d // 2).double(), m[:, None] * theta)
+    )
+    torch.testing.assert_close(apply_rope(x, cos, sin, "adjacent"), expected.flatten(-2).float())
+
+
+def test_linear_position_interpolation_scales_positions():
+    cos2, sin2 = rope_tables(8, 20, scaling=2.0)
+    cos1, sin1 = rope_tables(8, 20)
+    torch.testing.assert_close(cos2[10], cos1[5])
+    torch.testing.assert_close(sin2[4], sin1[2])
+
+
+def test_rmsnorm_in_float32_matches_hand_computation():
+    norm = RMSNorm(4, eps=1e-6)
+    norm.weight.data = torch.tensor([1.0, 2.0, 0.5, -1.0])
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    rms = math.sqrt((1 + 4 + 9 + 0.25) / 4 + 1e-6)
+    expected = torch.tensor([[1 / rms, -4 / rms, 1.5 / rms, -0.5 / rms]])
+    torch.testing.assert_close(norm(x), expected)
+    out = norm(x.bfloat16())
+    assert out.dtype == torch.float32 or out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_swiglu_hidden_size_rule():
+    assert get_config("llama2-7b").hidden_dim == 11008
+    assert get_config("llama2-13b").hidden_dim == 13824
+    assert get_config("llama2-70b").hidden_dim == 28672
+    assert get_config("bench-4.9m").hidden_dim == 688
+    assert get_config("bench-31.6m").hidden_dim == 1376
+
+
+@pytest.mark.parametrize(
+    "name, billions", [("llama2-7b", 6.74), ("llama2-13b", 13.0), ("llama2-70b", 69.0)]
+)
+def test_llama2_parameter_counts_on_meta_device(name, billions):
+    n = count_params_meta(get_config(name))
+    assert round(n / 1e9, 2 if billions < 10 else 1) == billions
+
+
+def test_benchmark_config_sizes():
+    assert round(count_params_meta(get_config("bench-4.9m")) / 1e6, 1) == 4.9
+    assert round(count_params_meta(get_config("bench-31.6m")) / 1e6, 1) == 31.6
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = tiny(tie_embeddings=True)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.num_params() == tiny().num_params() - 256 * 32
+
+
+def test_token_logprobs_match_log_softmax_of_forward():
+    model = tiny()
+    tokens = torch.randint(0, 256, (2, 9))
+    lp = token_logprobs(model, tokens)
+    logits = model(tokens)
+    manual = torch.stack(
+        [
+            torch.stack([torch.log_softmax(logits[b, t], -1)[tokens[b, t + 1]] for t in range(8)])
+            for b in range(2)
+        ]
+    )
+    torch.testing.assert_close(lp, manual)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny()
+    with pytest.raises(XLlamaError, match="longer than the context"):
+        generate(model, [[1] * 65], 1)
+    with pytest.raises(XLlamaError, match="top_p"):
+        generate(model, [[1]], 1, top_p=1.5)
+    with pytest.raises(XLlamaError, match="top_p"):
+        generate(model, [[1]], 1, top_p=0.0)
+    with pytest.raises(XLlamaError, match="unknown config"):
+        get_config("llama9")
+    with pytest.raises(XLlamaError, match="multiple of n_kv_heads"):
+        LlamaConfig(dim=32, n_heads=4, n_kv_heads=3)

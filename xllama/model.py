@@ -1,0 +1,624 @@
+"""Llama 2 (Touvron et al. 2023), read top to bottom.
+
+A decoder-only Transformer (Vaswani et al. 2017) with the changes Llama made to GPT:
+
+- pre-normalisation with RMSNorm (Zhang & Sennrich 2019) instead of LayerNorm, computed in float32;
+- the SwiGLU feed-forward network (Shazeer 2020) with Llama's hidden-size rule;
+- rotary position embeddings (RoFormer, Su et al. 2021) applied to queries and keys, instead of
+  learned absolute positions; optional linear position interpolation (Chen et al. 2023);
+- grouped-query attention (Ainslie et al. 2023) through `n_kv_heads` (MHA, GQA and MQA);
+- no biases anywhere.
+
+Two options from Mistral 7B (Jiang et al. 2023): sliding-window attention, and its rolling-buffer
+KV cache (window W, slot `i % W`).
+
+Attention itself is the shared `transformer.attention.MultiHeadAttention`; rotary embeddings go in
+through its `rotary` hook and the per-layer KV caches through its `cache` hook.
+
+Padded batches: every forward takes an optional `attention_mask` (batch, T) with 1 for real tokens
+and 0 for padding. Each row's positions count only its real tokens, and no real token attends to
+padding, so left- or right-padding never changes a row's results. With a KV cache, pad on the left
+(the prompt); every later token of every row is real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.attention import KVCache, MultiHeadAttention
+from transformer.cli import UserError
+
+
+class XLlamaError(UserError):
+    """A user mistake in xllama: unknown config, bad checkpoint, prompt too long, bad flag value."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape of a Llama model. Defaults are Llama 2 7B (Touvron et al. 2023, Table 1 / params.json)."""
+
+    dim: int = 4096
+    """model width d_model (hidden size)"""
+    n_layers: int = 32
+    """number of Transformer blocks"""
+    n_heads: int = 32
+    """number of query heads; head_dim = dim // n_heads"""
+    n_kv_heads: int | None = None
+    """number of key/value heads: None or n_heads = MHA, 1 = MQA, in between = GQA"""
+    vocab_size: int = 32000
+    """vocabulary size (rows of the embedding and of the output projection)"""
+    multiple_of: int = 256
+    """SwiGLU hidden size is rounded up to a multiple of this (Llama's hidden-size rule)"""
+    ffn_dim_multiplier: float | None = None
+    """scales the SwiGLU hidden size 2/3 * 4 * dim before rounding (1.3 for Llama 2 70B)"""
+    ffn_hidden_dim: int | None = None
+    """explicit SwiGLU hidden size (HF intermediate_size); None = Llama's rule from dim"""
+    norm_eps: float = 1e-5
+    """epsilon inside RMSNorm's square root"""
+    max_seq_len: int = 4096
+    """longest sequence (context length): rotary tables and KV caches are built for this"""
+    rope_theta: float = 10000.0
+    """rotary base: pair i turns at angle position * theta^(-2i / head_dim)"""
+    rope_pairing: Literal["adjacent", "half"] = "adjacent"
+    """which coordinates rotate together: adjacent (x0,x1),(x2,x3).. as in Meta's checkpoints, or
+    half (x_i, x_{i+d/2}) as in Hugging Face checkpoints (rotate_half)"""
+    rope_scaling: float = 1.0
+    """linear position interpolation factor: positions are divided by it (Chen et al. 2023)"""
+    sliding_window: int | None = None
+    """Mistral sliding-window attention: each token sees the last W positions; None = full causal"""
+    tie_embeddings: bool = False
+    """share the token embedding matrix with the output projection"""
+    dropout: float = 0.0
+    """dropout on attention weights and residual branches during training (Llama uses none)"""
+    init_std: float = 0.02
+    """standard deviation of the normal initialisation of every matrix"""
+
+    def __post_init__(self):
+        n_kv = self.kv_heads
+        if self.dim % self.n_heads:
+            raise XLlamaError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % n_kv:
+            raise XLlamaError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise XLlamaError(f"head_dim ({self.dim // self.n_heads}) must be even for RoPE")
+        if self.rope_pairing not in ("adjacent", "half"):
+            raise XLlamaError(
+                f"rope_pairing must be 'adjacent' or 'half', not {self.rope_pairing!r}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise XLlamaError(f"sliding_window must be positive, not {self.sliding_window}")
+        if self.rope_scaling <= 0:
+            raise XLlamaError(f"rope_scaling must be positive, not {self.rope_scaling}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size: 2/3 of 4·dim (same parameters as a 4·dim ReLU FFN), times
+        ffn_dim_multiplier, rounded up to a multiple of multiple_of (Meta's llama/model.py)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlamaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise XLlamaError(f"unknown LlamaConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    # Tests: a few thousand parameters.
+    "tiny": LlamaConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=64
+    ),
+    # Trains on a laptop CPU in minutes (the default of xllama.train: BPE on the embedded corpus).
+    "small": LlamaConfig(
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=4096,
+        multiple_of=16,
+        max_seq_len=256,
+    ),  # fmt: skip
+    # Tiny Shakespeare, characters, 3 minutes of CPU (compare nanoGPT's shakespeare_char CPU run).
+    "shakespeare-char": LlamaConfig(
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=65,
+        multiple_of=32,
+        max_seq_len=64,
+    ),  # fmt: skip
+    # The two configs of benchmarks/xllama.py (4.9M and 31.6M parameters).
+    "bench-4.9m": LlamaConfig(
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=4096,
+        multiple_of=16,
+        max_seq_len=512,
+    ),  # fmt: skip
+    "bench-31.6m": LlamaConfig(
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=8192,
+        multiple_of=32,
+        max_seq_len=512,
+    ),  # fmt: skip
+    # GPT-2 small's size (124M with GPT-2's vocabulary), for GPU runs.
+    "gpt2-124m": LlamaConfig(
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        vocab_size=50304,
+        multiple_of=256,
+        max_seq_len=1024,
+        tie_embeddings=True,
+    ),  # fmt: skip
+    # Llama 2 shapes (Touvron et al. 2023, Table 1): 6.74B, 13.0B, 69.0B parameters.
+    "llama2-7b": LlamaConfig(),
+    "llama2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": LlamaConfig(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> LlamaConfig:
+    """A named preset (see `CONFIGS`), with optional field overrides."""
+    if name not in CONFIGS:
+        raise XLlamaError(f"unknown config {name!r}; choose one of: {', '.join(CONFIGS)}")
+    return replace(CONFIGS[name], **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# RMSNorm and SwiGLU
+# --------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019, Eq. 4): x / sqrt(mean(x²) + eps) · g, without mean
+    centring or bias. Computed in float32 whatever the input dtype, then cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, Eq. 6): FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x), without biases."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoFormer, §3.4)
+# --------------------------------------------------------------------------------------------------
+
+
+def rope_tables(
+    head_dim: int, max_len: int, theta: float = 10000.0, scaling: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, (max_len, head_dim / 2), in float32.
+
+    Pair i of a head turns by m · θ_i at position m, θ_i = theta^(-2i/d) (RoFormer Eq. 15). Linear
+    position interpolation (Chen et al. 2023) uses m / scaling instead of m, so a model trained on L
+    positions reads L · scaling of them.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    positions = torch.arange(max_len, dtype=torch.float64) / scaling
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairing: str = "adjacent") -> Tensor:
+    """Rotate each pair of coordinates of x (..., T, head_dim) by its angle (RoFormer Eq. 34).
+
+    `cos`/`sin` broadcast to (..., T, head_dim / 2). With `adjacent` pairing, coordinates (2i, 2i+1)
+    form pair i (Meta's complex-number formulation); with `half`, coordinates (i, i + d/2) do (the
+    Hugging Face `rotate_half` layout). The two are the same model up to a fixed permutation of the
+    rows of W_q and W_k inside each head (see `xllama.convert.permute_to_half`).
+    """
+    dtype = x.dtype
+    x = x.float()
+    if pairing == "adjacent":
+        x_even, x_odd = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+        return out.flatten(-2).to(dtype)
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+
+
+class Rotary:
+    """The `rotary` hook of MultiHeadAttention for one forward pass: rotates q and k at the given
+    positions (shared by every layer, so the tables are gathered once)."""
+
+    def __init__(self, cos: Tensor, sin: Tensor, pairing: str):
+        self.cos, self.sin, self.pairing = cos, sin, pairing
+
+    def __call__(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return (
+            apply_rope(q, self.cos, self.sin, self.pairing),
+            apply_rope(k, self.cos, self.sin, self.pairing),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# KV caches
+# --------------------------------------------------------------------------------------------------
+
+
+class RollingKVCache:
+    """Mistral's rolling-buffer cache for sliding-window attention: W slots, token i in slot i % W.
+
+    Same `update(k, v)` interface as `transformer.attention.KVCache`. One new token: it is written
+    to its slot and the whole buffer is returned (attention does not care about key order; the mask
+    from `key_slots` says which entries are visible). Several new tokens (a prompt chunk): the
+    buffered keys in time order followed by all the new ones are returned, and the last W new ones
+    are written to the buffer.
+    """
+
+    def __init__(self, batch, n_kv_heads, window, head_dim, device=None, dtype=None):
+        shape = (batch, n_kv_heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.window = window
+        self.position = 0
+
+    def key_slots(self, n_new: int, device=None) -> Tensor:
+        """Absolute slot (token index) of each key `update` will return for n_new new tokens;
+        -1 marks a buffer entry never written."""
+        start, w = self.position, self.window
+        if n_new == 1:
+            end = start + 1
+            entries = torch.arange(w, device=device)
+            # Entry j holds the latest slot s < end with s % w == j.
+            slots = entries + ((end - 1 - entries).div(w, rounding_mode="floor")) * w
+            return torch.where(slots >= 0, slots, -1)
+        old = torch.arange(max(0, start - w), start, device=device)
+        return torch.cat([old, torch.arange(start, start + n_new, device=device)])
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n_new, start, w = k.size(2), self.position, self.window
+        if n_new == 1:
+            slot = start % w
+            self.k[:, :, slot : slot + 1] = k
+            self.v[:, :, slot : slot + 1] = v
+            self.position += 1
+            return self.k, self.v
+        held = min(start, w)
+        order = torch.arange(start - held, start, device=k.device) % w
+        k_all = torch.cat([self.k.index_select(2, order), k], dim=2)
+        v_all = torch.cat([self.v.index_select(2, order), v], dim=2)
+        keep = min(n_new, w)
+        slots = torch.arange(start + n_new - keep, start + n_new, device=k.device) % w
+        self.k.index_copy_(2, slots, k[:, :, -keep:])
+        self.v.index_copy_(2, slots, v[:, :, -keep:])
+        self.position += n_new
+        return k_all, v_all
+
+
+class Cache:
+    """Everything a batch carries between decoding steps.
+
+    - one KV cache per layer (preallocated `KVCache`, or `RollingKVCache` with a sliding window);
+    - `key_valid` (batch, max_len): which cached slots hold real tokens (False = left padding);
+    - `next_position` (batch,): the rotary position of each row's next real token.
+
+    Slots are shared by the batch (slot = step index); positions are per row, so a row padded on
+    the left by p slots has position = slot - p and its results equal running it alone.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, device=None, dtype=None):
+        self.config, self.batch, self.max_len = config, batch, max_len
+        hd, nkv = config.head_dim, config.kv_heads
+        window = config.sliding_window
+        if window is not None and window < max_len:
+            self.layers = [
+                RollingKVCache(batch, nkv, window, hd, device, dtype)
+                for _ in range(config.n_layers)
+            ]
+        else:
+            window = None
+            self.layers = [
+                KVCache(batch, nkv, max_len, hd, device, dtype) for _ in range(config.n_layers)
+            ]
+        self.rolling = window is not None
+        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.has_padding = False
+        self.length = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (e.g. drop finished rows)."""
+        for layer in self.layers:
+            layer.k = layer.k.index_select(0, index)
+            layer.v = layer.v.index_select(0, index)
+        self.key_valid = self.key_valid.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
+        self.batch = len(index)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm decoder block: h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = MultiHeadAttention(
+            config.dim, config.n_heads, config.kv_heads, bias=False, dropout=config.dropout
+        )
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, is_causal=False, cache=None, rotary=None) -> Tensor:
+        attn = self.attention(
+            self.attention_norm(x), mask=mask, is_causal=is_causal, cache=cache, rotary=rotary
+        )
+        h = x + self.residual_dropout(attn)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """The Llama 2 decoder. Parameter names follow Meta's checkpoints (`tok_embeddings`,
+    `layers.N.attention.wq`, `feed_forward.w1`, `norm`, `output`), so those load without renaming.
+
+    `forward(tokens)` gives logits (batch, T, vocab); `hidden_states(tokens)` the final normed
+    hidden states (batch, T, dim) that `output` projects (for reward and value heads).
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(
+            config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def reset_rope_tables(self) -> None:
+        """Recompute the rotary tables (after building the model on the meta device)."""
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
+        self.rope_cos = cos.to(self.tok_embeddings.weight.device)
+        self.rope_sin = sin.to(self.tok_embeddings.weight.device)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count (a tied matrix counted once); without the input embedding if asked."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Cache:
+        """A preallocated KV cache for `batch` rows and up to `max_len` slots."""
+        max_len = max_len or self.config.max_seq_len
+        if max_len > self.config.max_seq_len:
+            raise XLlamaError(
+                f"{max_len} positions asked for; the context is {self.config.max_seq_len}"
+            )
+        weight = self.tok_embeddings.weight
+        return Cache(self.config, batch, max_len, weight.device, dtype or weight.dtype)
+
+    # -- masks and positions ------------------------------------------------------------------
+    def _attention_inputs(self, tokens, attention_mask, positions, cache):
+        """Rotary positions, the boolean attention mask (True = may attend) and is_causal."""
+        batch, T = tokens.shape
+        device = tokens.device
+        window = self.config.sliding_window
+        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+
+        if cache is None:
+            if positions is None:
+                if valid is None:
+                    positions = torch.arange(T, device=device)[None]
+                else:
+                    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+            if valid is None and window is None:
+                return positions, None, True  # the fused causal kernel
+            slots = torch.arange(T, device=device)
+            mask = self._slot_mask(slots, slots, window)[None, None]  # (1, 1, T, T)
+            if valid is not None:
+                mask = (mask & valid[:, None, None, :]) | torch.eye(
+                    T, dtype=torch.bool, device=device
+                )
+            return positions, mask, False
+
+        start = cache.length
+        if start + T > cache.max_len:
+            raise XLlamaError(
+                f"sequence of {start + T} tokens does not fit the cache of {cache.max_len}"
+            )
+        if valid is not None and not bool(valid.all()):
+            cache.has_padding = True
+        if positions is None:
+            if valid is None:
+                positions = cache.next_position[:, None] + torch.arange(T, device=device)
+            else:
+                positions = cache.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+        cache.next_position += T if valid is None else valid.sum(1)
+        if valid is not None:
+            cache.key_valid[:, start : start + T] = valid
+        cache.length = start + T
+
+        if T == 1 and not cache.has_padding and (not cache.rolling or start + 1 >= window):
+            return positions, None, False  # one token sees every cached key
+        query_slots = torch.arange(start, start + T, device=device)
+        if cache.rolling:
+            key_slots = cache.layers[0].key_slots(T, device)
+        else:
+            key_slots = torch.arange(start + T, device=device)
+        mask = self._slot_mask(query_slots, key_slots, window)[None, None]
+        if cache.has_padding:
+            key_valid = cache.key_valid[:, key_slots.clamp(min=0)]
+            mask = mask & key_valid[:, None, None, :]
+            # Padding queries see themselves only, so their (unused) rows never softmax over nothing.
+            mask = mask | (query_slots[:, None] == key_slots[None, :])
+        return positions, mask, False
+
+    @staticmethod
+    def _slot_mask(query_slots: Tensor, key_slots: Tensor, window: int | None) -> Tensor:
+        """(T, S) True where query slot i may see key slot j: 0 <= i - j (< window)."""
+        distance = query_slots[:, None] - key_slots[None, :]
+        mask = (distance >= 0) & (key_slots[None, :] >= 0)
+        if window is not None:
+            mask = mask & (distance < window)
+        return mask
+
+    # -- forward --------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> Tensor:
+        """Final RMSNorm-ed hidden states (batch, T, dim) of `tokens` (batch, T).
+
+        attention_mask: (batch, T), 1 = real token, 0 = padding (left or right).
+        positions: (batch, T) rotary positions; by default each row counts its real tokens.
+        cache: a `Cache` from `make_cache`: the tokens continue what it holds.
+        """
+        T = tokens.size(1)
+        if cache is None and T > self.config.max_seq_len:
+            raise XLlamaError(
+                f"sequence of {T} tokens is longer than the context ({self.config.max_seq_len})"
+            )
+        positions, mask, is_causal = self._attention_inputs(
+            tokens, attention_mask, positions, cache
+        )
+        cos = self.rope_cos[positions][:, None]  # (batch or 1, 1, T, head_dim / 2)
+        sin = self.rope_sin[positions][:, None]
+        rotary = Rotary(cos, sin, self.config.rope_pairing)
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            h = layer(h, mask=mask, is_causal=is_causal, cache=layer_cache, rotary=rotary)
+        return self.norm(h)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: Cache | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,
+    ):
+        """Logits (batch, T, vocab) in float32; with `return_hidden`, (logits, hidden_states).
+
+        `last_only` projects only the last position (decoding: skips T-1 rows of the big matmul).
+        """
+        h = self.hidden_states(tokens, attention_mask, positions, cache)
+        logits = self.output(h[:, -1:] if last_only else h).float()
+        return (logits, h) if return_hidden else logits
+
+
+def count_params_meta(config: LlamaConfig) -> int:
+    """Parameters of a config without allocating memory (built on the meta device)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    return model.num_params()
+
+
+def loss_fn(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token cross-entropy, averaged over non-ignored targets."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index
+    )
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the matrices plus 12·L·d·T for attention (PaLM App. B)."""
+    n = config.n_layers * (
+        config.dim * config.head_dim * (config.n_heads * 2 + config.kv_heads * 2)
+        + 3 * config.dim * config.hidden_dim
+    )
+    n += config.dim * config.vocab_size
+    return 6 * n + 12 * config.n_layers * config.dim * seq_len
+
+
+__all__ = [
+    "CONFIGS",
+    "Cache",
+    "FeedForward",
+    "Llama",
+    "LlamaConfig",
+    "RMSNorm",
+    "RollingKVCache",
+    "Rotary",
+    "TransformerBlock",
+    "XLlamaError",
+    "apply_rope",
+    "count_params_meta",
+    "flops_per_token",
+    "get_config",
+    "loss_fn",
+    "rope_tables",
+]

@@ -1,0 +1,156 @@
+"""Decoding with the KV cache: batched generation over prompts of different lengths, sampling
+(temperature, top-k, nucleus / top-p of Holtzman et al. 2020) and per-token log-probabilities.
+
+Prompts are padded on the left, so every row's last prompt token sits in the same slot and the
+batch decodes in lock-step; each row's rotary positions skip its padding and no real token attends
+to padding, so a row's result equals generating it alone (exactly so for greedy decoding, up to
+float32 rounding for the logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import Llama, XLlamaError
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that make no sense, with one clear message."""
+    if temperature < 0:
+        raise XLlamaError(f"temperature must be >= 0, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise XLlamaError(f"top_k must be a positive integer, not {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise XLlamaError(f"top_p must be in (0, 1], not {top_p}")
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token per row from logits (batch, vocab): greedy at temperature 0, else sampled.
+
+    Probabilities are computed in float32 after subtracting each row's maximum, so extreme logits
+    (even ±inf) never produce NaN.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None):
+    """(tokens, attention_mask), both (batch, longest), prompts aligned to the right."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, longest - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[row, longest - len(prompt) :] = 1
+    return tokens.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_at_eos: bool = True,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+    Returns the new tokens of each row (without its prompt). With `stop_at_eos` and an `eos_id`, a
+    row stops after producing EOS (which is included in its result); generation ends when every row
+    has stopped. `on_token(next_tokens)` is called with the (batch,) tensor after every step
+    (streaming). The model is put in eval mode for the call.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise XLlamaError("every prompt needs at least one token")
+    context = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest > context:
+        raise XLlamaError(f"prompt of {longest} tokens is longer than the context ({context})")
+    if longest + max_new_tokens > context:
+        raise XLlamaError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context "
+            f"({context}); ask for at most {context - longest} new tokens"
+        )
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    device = model.tok_embeddings.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        batch = len(prompts)
+        tokens, mask = left_pad(prompts, pad_id, device)
+        padded = bool((mask == 0).any())
+        cache = model.make_cache(batch, longest + max_new_tokens)
+        logits = model(tokens, attention_mask=mask if padded else None, cache=cache, last_only=True)
+        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+        watch_eos = stop_at_eos and eos_id is not None
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        steps = 0
+        for step in range(max_new_tokens):
+            next_tokens = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            out[:, step] = next_tokens
+            steps = step + 1
+            if on_token is not None:
+                on_token(next_tokens)
+            if watch_eos:
+                done |= next_tokens == eos_id
+                if bool(done.all()):
+                    break
+            if steps == max_new_tokens:
+                break
+            logits = model(next_tokens[:, None], cache=cache, last_only=True)
+    finally:
+        model.train(was_training)
+    results = out[:, :steps].tolist()
+    if watch_eos:
+        results = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in results]
+    return results
+
+
+def token_logprobs(
+    model: Llama, tokens: Tensor, attention_mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: (batch, T - 1), float32.
+
+    Differentiable (no `no_grad` here): the policy-gradient and DPO losses use it. Positions where
+    the target is padding hold meaningless values; mask them with attention_mask[:, 1:].
+    """
+    logits = model(tokens, attention_mask=attention_mask)[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = F.log_softmax(logits, dim=-1)
+    return logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
