@@ -1,5 +1,48 @@
-"""Placeholder until the tokenizer package lands."""
+"""Byte-level BPE (Sennrich et al. 2016; GPT-2, Radford et al. 2019) that trains fast and
+matches tiktoken exactly, plus SentencePiece BPE models behind the same interface.
 
+    from tokenizer import BPETokenizer
+    tok = BPETokenizer.train(text, vocab_size=4096)            # GPT-4 split pattern
+    ids = tok.encode("hello world")
+    gpt4 = BPETokenizer.from_tiktoken("cl100k_base", ranks_file="cl100k_base.tiktoken")
 
-class TokenizerError(ValueError):
-    """Base class of the tokenizer's errors."""
+Commands: ``python -m tokenizer.train`` and ``python -m tokenizer.encode``.
+"""
+
+from tokenizer.data import embedded_corpus, read_text_file, read_tokens, write_tokens
+from tokenizer.errors import (
+    DisallowedSpecialTokenError,
+    EmptyCorpusError,
+    InputFileError,
+    InvalidTokenIdError,
+    SpecialTokenError,
+    TokenFileError,
+    TokenizerError,
+    TokenizerFileError,
+    UnknownPatternError,
+    VocabSizeError,
+)
+from tokenizer.model import BPETokenizer
+from tokenizer.pretokenize import PATTERNS
+from tokenizer.spm import SentencePieceTokenizer, train_sentencepiece
+
+__all__ = [
+    "BPETokenizer",
+    "SentencePieceTokenizer",
+    "train_sentencepiece",
+    "PATTERNS",
+    "embedded_corpus",
+    "read_text_file",
+    "read_tokens",
+    "write_tokens",
+    "TokenizerError",
+    "EmptyCorpusError",
+    "VocabSizeError",
+    "UnknownPatternError",
+    "SpecialTokenError",
+    "DisallowedSpecialTokenError",
+    "InvalidTokenIdError",
+    "TokenizerFileError",
+    "InputFileError",
+    "TokenFileError",
+]
