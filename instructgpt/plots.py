@@ -31,7 +31,7 @@ def plot_frontier(results: dict, path: Path) -> Path:
             continue
         xs = [r["kl_a_to_b"] for _, r in runs]
         ys = [r["score_a"] for _, r in runs]
-        ax.plot(xs, ys, marker=marker, c=colour, label=method.upper())
+        ax.plot(xs, ys, marker=marker, c=colour, linestyle=":", label=method.upper())
         for (name, _), x, y in zip(runs, xs, ys):
             ax.annotate("β=" + name.split("beta")[1], (x, y), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip

@@ -330,12 +330,15 @@ def train_ppo(
     )
     policy_ddp = DistributedDataParallel(policy) if dist.enabled else policy
     value_ddp = DistributedDataParallel(value_model) if dist.enabled else value_model
-    generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + dist.rank)
-    cpu_generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device=device)
+    cpu_generator = torch.Generator()
     history = []
     for it in run.steps(config.iterations, desc="ppo"):
         indices = rank_slice(sampler.next_batch(config.rollout_batch), dist.rank, dist.world_size)
         beta = kl_controller.value
+        # Seeded per iteration (and rank), so a resumed run samples what the straight one did.
+        generator.manual_seed(args.seed * 1_000_003 + it * 7919 + dist.rank)
+        cpu_generator.manual_seed(args.seed * 1_000_003 + it)
         rollout = make_rollout(
             policy, reference, reward_model, value_model, [prompt_ids[i] for i in indices],
             tokenizer.eos_id, config, beta, generator,
