@@ -207,3 +207,13 @@ def test_two_process_gloo_sft_matches_one_process(tmp_path, base_model):
     assert two.returncode == 0, two.stderr[-2000:]
     for a, b in zip(_sft_losses(tmp_path / "one"), _sft_losses(tmp_path / "two")):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage(tmp_path):
+    code = pipeline.main(["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1"}
+    for r in results["evaluation"].values():
+        assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
