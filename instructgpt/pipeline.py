@@ -48,33 +48,33 @@ from .sft import SFTConfig, train_sft
 class PipelineConfig:
     vocab_size: int = 1024
     """BPE vocabulary of the base model (with <|endoftext|>)"""
-    dim: int = 128
+    dim: int = 96
     """base model width"""
-    n_layers: int = 4
+    n_layers: int = 3
     """base model blocks"""
     n_heads: int = 4
     """attention heads"""
     context: int = 64
     """context length in tokens"""
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 800
     """pretraining steps on the corpus"""
     pretrain_batch: int = 32
     """windows per pretraining step"""
     pretrain_lr: float = 2e-3
     """peak pretraining learning rate"""
-    sft_steps: int = 300
+    sft_steps: int = 200
     """SFT steps"""
     k: int = 4
     """responses sampled per prompt and ranked by the labeler"""
-    rm_steps: int = 300
+    rm_steps: int = 200
     """reward model steps"""
-    ppo_iterations: int = 40
+    ppo_iterations: int = 30
     """PPO rollout batches per β"""
     ppo_lr: float = 3e-5
     """PPO learning rate"""
     ppo_betas: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
     """KL coefficients of the PPO runs"""
-    dpo_steps: int = 200
+    dpo_steps: int = 150
     """DPO steps per β"""
     dpo_lr: float = 5e-5
     """DPO learning rate"""
