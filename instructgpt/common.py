@@ -139,12 +139,6 @@ def check_beta(beta: float, flag: str = "--beta") -> None:
         raise InstructGPTError(f"{flag} must be > 0, got {beta}")
 
 
-def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
