@@ -217,3 +217,14 @@ def test_tiny_pipeline_runs_every_stage(tmp_path):
     assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1"}
     for r in results["evaluation"].values():
         assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
+
+
+def test_an_xllama_training_run_is_a_base_model(tmp_path):
+    from xllama import train as xllama_train
+
+    base = tmp_path / "xl"
+    assert xllama_train.main(["--config", "tiny", "--vocab-size", "300", "--steps", "2", "--batch-size", "2",
+                              "--out", str(base), "--device", "cpu"]) in (0, None)  # fmt: skip
+    data = write_jsonl(tmp_path / "demos.jsonl", DEMOS)
+    assert sft.main(["--model", str(base), "--data", str(data), "--steps", "1", "--batch-size", "2",
+                     "--out", str(tmp_path / "sft"), "--device", "cpu"]) == 0  # fmt: skip
