@@ -1,0 +1,285 @@
+"""The whole pipeline on the embedded task, end to end, offline, on a CPU.
+
+    python -m instructgpt.pipeline --out runs/pipeline
+
+1. base model: a BPE tokenizer and a small xllama pretrained on the embedded corpus (or --base);
+2. SFT on the task's demonstrations (sentence openings and their real continuations);
+3. K responses per training prompt sampled from the SFT model, ranked by the gold labeler;
+4. the reward model trained on those rankings (held-out pairwise accuracy reported);
+5. PPO against the reward model, and DPO on the same rankings, for several β each;
+6. every policy against SFT on held-out prompts under the gold labeler: win rate with its 95%
+   interval, gold score and KL(π‖π_SFT); the reward-KL frontier and the over-optimisation plot.
+Stages that finished are skipped when the command is run again with the same --out.
+The gold labeler never enters training: it only ranks samples (step 3) and judges (step 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from transformer.cli import (
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    run_command,
+)
+from transformer.run import TrainingRun
+from transformer.runtime import seed_everything, select_device
+from xllama import Llama, LlamaConfig
+
+from .common import TaskTokenizer, cosine_lr, load_policy, model_config, set_lr
+from .data import corpus_text, task_prompts, write_jsonl
+from .dpo import DPOConfig, train_dpo
+from .evaluate import Judge, compare
+from .losses import token_logprobs
+from .ppo import PPOConfig, train_ppo
+from .reward import RewardConfig, make_task_rankings, split_heldout, train_reward
+from .sft import SFTConfig, train_sft
+
+
+@dataclass
+class PipelineConfig:
+    vocab_size: int = 1024
+    """BPE vocabulary of the base model (with <|endoftext|>)"""
+    dim: int = 96
+    """base model width"""
+    n_layers: int = 3
+    """base model blocks"""
+    n_heads: int = 4
+    """attention heads"""
+    context: int = 64
+    """context length in tokens"""
+    pretrain_steps: int = 800
+    """pretraining steps on the corpus"""
+    pretrain_batch: int = 32
+    """windows per pretraining step"""
+    pretrain_lr: float = 2e-3
+    """peak pretraining learning rate"""
+    sft_steps: int = 200
+    """SFT steps"""
+    k: int = 4
+    """responses sampled per prompt and ranked by the labeler"""
+    rm_steps: int = 200
+    """reward model steps"""
+    ppo_iterations: int = 30
+    """PPO rollout batches per β"""
+    ppo_lr: float = 3e-5
+    """PPO learning rate"""
+    ppo_betas: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
+    """KL coefficients of the PPO runs"""
+    dpo_steps: int = 150
+    """DPO steps per β"""
+    dpo_lr: float = 5e-5
+    """DPO learning rate"""
+    dpo_betas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3, 1.0])
+    """β of the DPO runs"""
+    eval_samples: int = 4
+    """responses per held-out prompt for the win rates"""
+    max_new_tokens: int = 32
+    """longest sampled response (rankings, PPO rollouts, evaluation)"""
+
+
+def pretrain(out: Path, config: PipelineConfig, device, seed: int) -> Path:
+    """Step 1: tokenizer + next-token pretraining of a small xllama on the embedded corpus."""
+    text = corpus_text()
+    tokenizer = TaskTokenizer.train(text, config.vocab_size)
+    ids = torch.tensor(tokenizer.encode(text))
+    llama = LlamaConfig(
+        dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
+        vocab_size=tokenizer.vocab_size, multiple_of=32, max_seq_len=config.context,
+    )  # fmt: skip
+    seed_everything(seed)
+    model = Llama(llama).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1
+    )
+    run = TrainingRun(
+        out, package="instructgpt", model_config=model_config("policy", llama),
+        train_config={"stage": "pretrain", **asdict(config)}, model=model, optimizer=optimizer,
+        device=device,
+    )  # fmt: skip
+    tokenizer.save(out)
+    for step in run.steps(config.pretrain_steps, desc="pretrain"):
+        g = torch.Generator().manual_seed(seed * 100003 + step)
+        starts = torch.randint(0, len(ids) - config.context, (config.pretrain_batch,), generator=g)
+        x = torch.stack([ids[s : s + config.context] for s in starts.tolist()]).to(device)
+        set_lr(optimizer, cosine_lr(step, config.pretrain_steps, config.pretrain_lr, 50))
+        loss = -token_logprobs(model(x)[:, :-1], x[:, 1:]).mean()
+        run.check_finite(loss.detach(), step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        run.log(step, loss=loss.item())
+        run.end_of_step(step)
+    run.save(config.pretrain_steps)
+    return out
+
+
+def _args(common, out: Path, **kw) -> SimpleNamespace:
+    return SimpleNamespace(
+        device=common.device, dtype=common.dtype, seed=common.seed, out=out, resume=None, **kw
+    )
+
+
+def _done(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def _mark(path: Path, info: dict | None = None) -> None:
+    (path / "DONE").write_text(json.dumps(info or {}, indent=2) + "\n")
+
+
+def run_pipeline(common, config: PipelineConfig) -> dict:
+    out = Path(common.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = select_device(common.device)
+    results: dict = {"config": asdict(config)}
+
+    base = Path(common.base) if common.base else out / "base"
+    if not common.base and not _done(base):
+        pretrain(base, config, device, common.seed)
+        _mark(base)
+
+    sft_dir = out / "sft"
+    if not _done(sft_dir):
+        train_sft(_args(common, sft_dir, model=base, data=None), SFTConfig(steps=config.sft_steps))
+        _mark(sft_dir)
+
+    # Step 3: the labeler ranks K samples per prompt from the SFT policy.
+    rankings_path, heldout_path = out / "rankings.jsonl", out / "rankings_heldout.jsonl"
+    if not rankings_path.is_file():
+        sft, tokenizer, _ = load_policy(sft_dir, device)
+        rankings = make_task_rankings(
+            sft, tokenizer, task_prompts("train"), config.k, config.context, common.seed,
+            config.max_new_tokens,
+        )  # fmt: skip
+        train_rankings, heldout = split_heldout(rankings, 0.1, common.seed)
+        write_jsonl(heldout_path, [{"prompt": r.prompt, "responses": r.responses} for r in heldout])
+        write_jsonl(
+            rankings_path, [{"prompt": r.prompt, "responses": r.responses} for r in train_rankings]
+        )
+
+    rm_dir = out / "reward"
+    if not _done(rm_dir):
+        _, summary = train_reward(
+            _args(
+                common,
+                rm_dir,
+                model=sft_dir,
+                data=rankings_path,
+                eval_data=heldout_path,
+                demonstrations=None,
+            ),
+            RewardConfig(steps=config.rm_steps),
+        )
+        _mark(rm_dir, summary)
+    results["reward_model"] = json.loads((rm_dir / "DONE").read_text())
+
+    policies = {}
+    for beta in config.ppo_betas:
+        d = out / f"ppo-beta{beta:g}"
+        if not _done(d):
+            train_ppo(
+                _args(common, d, policy=sft_dir, reward_model=rm_dir, prompts=None),
+                PPOConfig(
+                    iterations=config.ppo_iterations,
+                    beta=beta,
+                    lr=config.ppo_lr,
+                    max_new_tokens=config.max_new_tokens,
+                ),  # fmt: skip,
+            )
+            _mark(d)
+        policies[d.name] = d
+    for beta in config.dpo_betas:
+        d = out / f"dpo-beta{beta:g}"
+        if not _done(d):
+            _, summary = train_dpo(
+                _args(common, d, model=sft_dir, data=rankings_path, eval_data=heldout_path),
+                DPOConfig(steps=config.dpo_steps, beta=beta, lr=config.dpo_lr),
+            )
+            _mark(d, summary)
+        policies[d.name] = d
+
+    # Step 6: every policy against SFT under the gold labeler, on held-out prompts.
+    sft, tokenizer, _ = load_policy(sft_dir, device)
+    sft.eval()
+    prompts = task_prompts("heldout")
+    evaluation = {}
+    for name, d in policies.items():
+        policy, _, _ = load_policy(d, device)
+        result = compare(
+            policy.eval(),
+            sft,
+            tokenizer,
+            prompts,
+            Judge(),
+            config.eval_samples,
+            config.max_new_tokens,
+            common.seed,
+        )
+        evaluation[name] = result
+        print(
+            f"{name}: win rate vs SFT {result['win_rate']:.1%} "
+            f"[{result['ci_low']:.1%}, {result['ci_high']:.1%}], gold {result['score_a']:.3f} "
+            f"(SFT {result['score_b']:.3f}), KL to SFT {result['kl_a_to_b']:.2f}"
+        )
+    results["evaluation"] = evaluation
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        from .plots import plot_frontier, plot_overoptimisation
+
+        plot_frontier(results, out / "frontier.png")
+        plot_overoptimisation(out, out / "overoptimisation.png")
+    except ImportError as exc:
+        print(f"plots skipped ({exc}); install the 'plots' extra for matplotlib")
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="instructgpt.pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument(
+        "--base", type=Path, default=None,
+        help="start from this base model (xllama or instructgpt run with tokenizer.bpe) instead of pretraining",
+    )  # fmt: skip
+    parser.add_argument(
+        "--preset", choices=["default", "tiny"], default="default",
+        help="tiny: a seconds-long smoke run (tests); default: the run the README reports",
+    )  # fmt: skip
+    add_dataclass_arguments(parser, PipelineConfig, "pipeline")
+    add_common_arguments(parser, training=False)
+    args = parser.parse_args(argv)
+    base = PipelineConfig() if args.preset == "default" else TINY
+    config = dataclass_from_args(PipelineConfig, args, base=base)
+    if args.out is None:
+        from .data import InstructGPTError
+
+        raise InstructGPTError("--out DIR is required: the directory for every stage's run")
+    run_pipeline(args, config)
+    return 0
+
+
+TINY = replace(
+    PipelineConfig(),
+    vocab_size=300, dim=32, n_layers=1, n_heads=2, context=48, pretrain_steps=5, sft_steps=3,
+    rm_steps=3, ppo_iterations=1, max_new_tokens=12, ppo_betas=[0.05], dpo_steps=2, dpo_betas=[0.1], eval_samples=1,
+)  # fmt: skip
+
+
+def cli() -> None:
+    sys.exit(run_command(main, prog="instructgpt-pipeline"))
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main, prog="instructgpt.pipeline"))
