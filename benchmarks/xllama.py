@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xllama import generate, get_config, loss_fn  # noqa: E402
+from xllama import get_config, loss_fn  # noqa: E402
 from xllama.convert import config_to_hf, load_hf  # noqa: E402
+from xllama.sampling import generate  # noqa: E402
 
 
 def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:

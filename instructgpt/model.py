@@ -7,7 +7,7 @@
   initialises it from the reward model (`RewardModel.values`).
 
 Also here: sequence log-probabilities (the quantity SFT, PPO and DPO are written in), and
-sampling responses with the KV cache through `xllama.generate`.
+sampling responses with the KV cache through `xllama.sampling.generate`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from xllama import Llama, LlamaConfig, generate
+from xllama import Llama, LlamaConfig
+from xllama.sampling import generate
 
 from .losses import masked_mean, token_logprobs
 

@@ -1,5 +1,8 @@
 """xllama: a Llama 2 decoder (Touvron et al. 2023) that trains, generates with a KV cache, and
-loads and exports real Llama checkpoints (Meta `consolidated.*.pth` and Hugging Face)."""
+loads and exports real Llama checkpoints (Meta `consolidated.*.pth` and Hugging Face).
+
+Generation is `xllama.sampling.generate(model, prompts, ...)`; `xllama.generate` is the command
+(`python -m xllama.generate`), so the function is not re-exported under the same name."""
 
 from .model import (
     CONFIGS,
@@ -15,7 +18,7 @@ from .model import (
     loss_fn,
     rope_tables,
 )
-from .sampling import generate, left_pad, sample_next, token_logprobs
+from .sampling import left_pad, sample_next, token_logprobs
 
 __all__ = [
     "CONFIGS",
@@ -27,7 +30,6 @@ __all__ = [
     "XLlamaError",
     "apply_rope",
     "count_params_meta",
-    "generate",
     "get_config",
     "left_pad",
     "loss_fn",

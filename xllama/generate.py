@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -153,18 +152,6 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sample.txt").write_text(args.prompt + tokenizer.decode(new) + "\n")
     return 0
-
-
-class _CommandAndFunction(types.ModuleType):
-    """Importing this module makes Python set `xllama.generate` to it, hiding the library function
-    `xllama.generate` (from `xllama.sampling`). Calling the module calls that function, so
-    `from xllama import generate; generate(model, prompts, ...)` works whichever was imported."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CommandAndFunction
 
 
 def cli() -> None:

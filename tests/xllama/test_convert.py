@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from transformer.checkpoint import CheckpointError
-from xllama import generate
 from xllama.convert import export_hf, load_hf, load_meta, load_model
+from xllama.sampling import generate
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from xllama import Llama, LlamaConfig, XLlamaError, generate, get_config, token_logprobs
+from xllama import Llama, LlamaConfig, XLlamaError, get_config, token_logprobs
 from xllama.model import RMSNorm, apply_rope, count_params_meta, rope_tables
+from xllama.sampling import generate
 
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 
