@@ -101,8 +101,13 @@ def naive_train(text: str, vocab_size: int, max_merges: int | None = None) -> li
     recounted after each merge, every chunk rewritten. Ties: highest count, then smallest pair."""
     chunks = [list(chunk.encode("utf-8")) for chunk in make_splitter(PATTERNS["gpt4"])(text)]
     num_merges = vocab_size - 256 if max_merges is None else min(max_merges, vocab_size - 256)
+    return naive_steps(chunks, 256, num_merges)
+
+
+def naive_steps(chunks: list[list[int]], first_id: int, num_merges: int) -> list:
+    """`num_merges` steps of the naive loop from the state `chunks` (rewritten in place)."""
     merges = []
-    for new_id in range(256, 256 + num_merges):
+    for new_id in range(first_id, first_id + num_merges):
         counts: Counter = Counter()
         for ids in chunks:
             counts.update(zip(ids, ids[1:]))
@@ -123,31 +128,42 @@ def naive_train(text: str, vocab_size: int, max_merges: int | None = None) -> li
     return merges
 
 
-def naive_estimate(text: str, vocab_size: int, ours: BPETokenizer, steps: int = 100):
-    """Seconds the naive loop would take, from timing its first `steps` merges.
+def naive_estimate(text: str, vocab_size: int, ours: BPETokenizer, steps: int = 40):
+    """Seconds the naive loop would take, from timing a few of its steps at two points.
 
-    Each naive step costs time in proportion to the tokens it holds (it recounts and rewrites
-    all of them). The token count after k merges is the length of the corpus encoded with our
-    tokenizer cut to its first k merges (rank-based encoding of the training chunks reproduces
-    the training state), measured at a few k and integrated; the first steps give the
-    seconds per token. Returns (estimated seconds, the naive loop's first merges).
+    A naive step costs a + b * T: a part per chunk (there are always as many chunks) and a part
+    per token (T, the tokens left, falls as merges proceed). Timing `steps` steps from the start
+    and from halfway gives a and b; T after k merges is the corpus encoded with our tokenizer
+    cut to its first k merges (rank-based encoding of the training chunks reproduces the
+    training state, and the naive loop makes the same merges), measured at a few k and
+    integrated. Returns (estimated seconds, the naive loop's first merges).
     """
-    seconds, merges = best_time(lambda: naive_train(text, vocab_size, steps), 1)
+    pieces = make_splitter(PATTERNS["gpt4"])(text)
     num_merges = len(ours.merges)
 
-    def tokens_after(k: int) -> int:
+    def state_after(k: int) -> list[list[int]]:
         ranks = {token: rank for token, rank in ours._ranks.items() if rank < 256 + k}
-        return len(BPETokenizer._from_ranks(ranks, ours.pattern).encode_ordinary(text))
+        cut = BPETokenizer._from_ranks(ranks, ours.pattern)
+        return [list(cut._cache[piece]) for piece in pieces]
 
-    checkpoints = sorted({0, steps, 250, 500, 1000, 2000, 3000, num_merges})
+    def timed_steps(k: int) -> tuple[float, float, list]:
+        state = state_after(k)
+        tokens_before = sum(map(len, state))
+        seconds, merges = best_time(lambda: naive_steps(state, 256 + k, steps), 1)
+        return seconds / steps, (tokens_before + sum(map(len, state))) / 2, merges
+
+    start_cost, start_tokens, merges = timed_steps(0)
+    middle_cost, middle_tokens, _ = timed_steps(num_merges // 2)
+    per_token = (start_cost - middle_cost) / (start_tokens - middle_tokens)
+    per_step = start_cost - per_token * start_tokens
+    checkpoints = sorted({0, 100, 250, 500, 1000, 2000, 3000, num_merges})
     checkpoints = [k for k in checkpoints if k <= num_merges]
-    tokens = [tokens_after(k) for k in checkpoints]
-    work = [
-        (t0 + t1) / 2 * (k1 - k0)
+    tokens = [sum(map(len, state_after(k))) for k in checkpoints]
+    seconds = sum(
+        (k1 - k0) * (per_step + per_token * (t0 + t1) / 2)
         for k0, k1, t0, t1 in zip(checkpoints, checkpoints[1:], tokens, tokens[1:])
-    ]
-    first = (tokens[0] + tokens[1]) / 2 * steps
-    return seconds * sum(work) / first, merges
+    )
+    return seconds, merges
 
 
 # ---------------------------------------------------------------------------------------------

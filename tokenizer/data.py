@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer.errors import EmptyCorpusError, InputFileError, TokenFileError
+from tokenizer.errors import EmptyCorpusError, InputFileError, TokenFileError, TokenizerError
 
 TOKEN_FILE_FORMAT = "tokens v1"
 
@@ -68,7 +68,7 @@ def split_held_out(documents: list[str], fraction: float = 0.1) -> tuple[list[st
     Returns (training documents, held-out text).
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"held-out fraction must be between 0 and 1, got {fraction}")
+        raise TokenizerError(f"held-out fraction must be between 0 and 1, got {fraction}")
     total = sum(map(len, documents))
     if total == 0:
         raise EmptyCorpusError("the training text is empty")

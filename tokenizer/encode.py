@@ -91,6 +91,8 @@ def separator_id(tokenizer, token: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.out.is_dir():
+        raise TokenizerError(f"--out {args.out} is a directory; give the token file's path")
     tokenizer = load_tokenizer(args.tokenizer, args.ranks)
     separator = separator_id(tokenizer, args.separator) if args.separator else None
     texts = [read_text_file(path) for path in args.input]  # fail on bad input before encoding

@@ -91,6 +91,12 @@ class BPETokenizer:
         self.pattern = pattern
         self._split = make_splitter(pattern)
         self._ranks = ranks
+        # The rank of every two-byte token, indexed by first byte * 256 + second byte: the
+        # first step of every merge loop looks up all adjacent byte pairs of a chunk.
+        self._byte_pair_ranks = [_NO_MERGE] * 65536
+        for token, rank in ranks.items():
+            if len(token) == 2:
+                self._byte_pair_ranks[token[0] << 8 | token[1]] = rank
         self._decoder = {rank: token for token, rank in ranks.items()}
         if len(self._decoder) != len(ranks):
             raise TokenizerError("two tokens share one id")
@@ -412,7 +418,11 @@ class BPETokenizer:
         if rank is not None:
             return [rank]
         ranks = self._ranks
-        return [ranks[part] for part in _byte_pair_merge(piece, ranks.get, _NO_MERGE)]
+        if len(piece) > _LONG_CHUNK:
+            parts = _byte_pair_merge_long(piece, ranks.get, _NO_MERGE)
+        else:
+            parts = _byte_pair_merge_short(piece, ranks.get, _NO_MERGE, self._byte_pair_ranks)
+        return [ranks[part] for part in parts]
 
     # ----------------------------------------------------------------------------------------
     # Saving and loading
@@ -520,21 +530,31 @@ def _byte_pair_merge(piece: bytes, rank_of, limit: int) -> list[bytes]:
     return _byte_pair_merge_short(piece, rank_of, limit)
 
 
-def _byte_pair_merge_short(piece: bytes, rank_of, limit: int) -> list[bytes]:
-    """`_byte_pair_merge` in O(n^2) with C-level steps: fastest for the usual short chunk."""
+def _byte_pair_merge_short(
+    piece: bytes, rank_of, limit: int, byte_pair_ranks: list[int] | None = None
+) -> list[bytes]:
+    """`_byte_pair_merge` in O(n^2) with C-level steps: fastest for the usual short chunk.
+
+    `byte_pair_ranks` (first byte * 256 + second byte -> rank) is an optional faster table
+    for the ranks of the initial byte pairs.
+    """
     parts = list(map(_BYTE.__getitem__, piece))
-    pair_ranks = [rank_of(piece[i : i + 2], _NO_MERGE) for i in range(len(piece) - 1)]
+    if byte_pair_ranks is None:
+        pair_ranks = [rank_of(piece[i : i + 2], _NO_MERGE) for i in range(len(piece) - 1)]
+    else:
+        pair_ranks = [byte_pair_ranks[a << 8 | b] for a, b in zip(piece, piece[1:])]
     while pair_ranks:
         best = min(pair_ranks)
         if best >= limit:
             break
         i = pair_ranks.index(best)
-        parts[i] += parts.pop(i + 1)
+        merged = parts[i] + parts.pop(i + 1)
+        parts[i] = merged
         del pair_ranks[i]
-        if i > 0:
-            pair_ranks[i - 1] = rank_of(parts[i - 1] + parts[i], _NO_MERGE)
+        if i:
+            pair_ranks[i - 1] = rank_of(parts[i - 1] + merged, _NO_MERGE)
         if i < len(pair_ranks):
-            pair_ranks[i] = rank_of(parts[i] + parts[i + 1], _NO_MERGE)
+            pair_ranks[i] = rank_of(merged + parts[i + 1], _NO_MERGE)
     return parts
 
 

@@ -123,6 +123,7 @@ BAD_TRAIN_INPUTS = [
     (["--input", "{corpus}", "--vocab-size", "many"], "invalid int value"),
     (["--input", "{corpus}", "--backend", "wordpiece"], "invalid choice"),
     (["--input", "{corpus}", "--backend", "sentencepiece", "--vocab-size", "100"], "sentencepiece"),
+    (["--input", "{corpus}", "--held-out", "1.5"], "held-out fraction"),
 ]
 
 
@@ -172,9 +173,15 @@ def test_encode_bad_input(trained_dir, corpus, tmp_path, capsys):
             ],
             "rank file not found",
         ),
+        (
+            ["--tokenizer", str(trained_dir), "--input", str(corpus), "--out", str(tmp_path)],
+            "is a directory",
+        ),
     ]
     for args, message in cases:
-        status, err = run_cli(encode_command, args + out, capsys)
+        if "--out" not in args:
+            args = args + out
+        status, err = run_cli(encode_command, args, capsys)
         assert status == 2, args
         assert err.count("\n") == 1 and message in err, err
     # Allowed as a control token, or as plain text, when asked.

@@ -159,7 +159,9 @@ def test_round_trip_random_bytes(small, data):
 def test_long_chunk_merge_loop_equals_the_short_one(small, data, limit):
     """The heap-based loop for long chunks merges exactly as the simple one (ties leftmost)."""
     get = small._ranks.get
-    assert _byte_pair_merge_long(data, get, limit) == _byte_pair_merge_short(data, get, limit)
+    expected = _byte_pair_merge_short(data, get, limit)
+    assert _byte_pair_merge_long(data, get, limit) == expected
+    assert _byte_pair_merge_short(data, get, limit, small._byte_pair_ranks) == expected
 
 
 def test_long_runs_encode_correctly(small):
