@@ -420,24 +420,37 @@ class SentencePieceTokenizer:
     # ----------------------------------------------------------------------------------------
     # Decoding
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The bytes of the ids, with the dummy-prefix space of the first piece removed."""
-        out = bytearray()
-        at_start = True  # the first text piece loses the dummy prefix's space
+    def _segments(self, ids: Iterable[int]) -> list[bytearray]:
+        """The bytes of the ids, cut wherever a control token stands.
+
+        Control tokens (bos, eos) have no text, but they do end a run of byte-fallback pieces:
+        SentencePiece decodes the bytes on either side separately, so two halves of one UTF-8
+        character separated by a control token are two invalid bytes, not one character.
+        The first text piece loses the dummy prefix's space.
+        """
+        segments = [bytearray()]
+        at_start = True
         for token_id in ids:
             token = self.token_bytes(token_id)
             kind = self.model.types[token_id]
             if kind == CONTROL:
+                if segments[-1]:
+                    segments.append(bytearray())
                 continue
             if at_start and kind not in (BYTE, UNKNOWN) and self.model.add_dummy_prefix:
                 if token.startswith(b" ") and not self.model.treat_whitespace_as_suffix:
                     token = token[1:]
             at_start = False
-            out += token
+            segments[-1] += token
         if self.model.add_dummy_prefix and self.model.treat_whitespace_as_suffix:
-            if out.endswith(b" "):
-                del out[-1]
-        return bytes(out)
+            last = next((seg for seg in reversed(segments) if seg), None)
+            if last is not None and last.endswith(b" "):
+                del last[-1]
+        return segments
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of the ids, with the dummy-prefix space of the first piece removed."""
+        return b"".join(self._segments(ids))
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """The text of the ids; each byte that is not part of valid UTF-8 becomes one U+FFFD.
@@ -447,7 +460,7 @@ class SentencePieceTokenizer:
         """
         if errors == "replace":
             errors = _replace_each_byte()
-        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+        return "".join(bytes(seg).decode("utf-8", errors=errors) for seg in self._segments(ids))
 
 
 def _replace_each_byte() -> str:

@@ -110,3 +110,12 @@ def test_errors(trained, tmp_path):
     damaged.write_bytes(ours.path.read_bytes()[:1000])
     with pytest.raises(TokenizerFileError, match="not a sentencepiece model"):
         SentencePieceTokenizer(damaged)
+
+
+def test_a_control_token_splits_a_byte_fallback_run(trained):
+    """<0xC2> <s> <0x80>: two stray bytes for SentencePiece, not the character U+0080."""
+    ours, reference = trained
+    byte_c2, byte_80 = reference.piece_to_id("<0xC2>"), reference.piece_to_id("<0x80>")
+    ids = [byte_c2, reference.bos_id(), byte_80]
+    assert reference.decode(ids) == "\ufffd\ufffd"
+    assert ours.decode(ids) == reference.decode(ids)
