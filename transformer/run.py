@@ -147,7 +147,7 @@ class TrainingRun:
         self._interrupted = True
 
     def check_finite(self, loss: torch.Tensor | float, step: int) -> None:
-        value = float(loss)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
             where = self.last_checkpoint or "none written yet"
             raise NonFiniteLoss(
