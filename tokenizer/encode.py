@@ -15,7 +15,7 @@ import numpy as np
 
 from tokenizer import model, spm
 from tokenizer.data import read_text_file, write_tokens
-from tokenizer.errors import SpecialTokenError, TokenizerError, TokenizerFileError
+from tokenizer.errors import SpecialTokenError, TokenizerError, TokenizerFileError, run_command
 from tokenizer.model import TIKTOKEN_ENCODINGS, BPETokenizer
 from tokenizer.spm import SentencePieceTokenizer
 from tokenizer.train import OneLineErrorParser
@@ -138,18 +138,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except TokenizerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    """The command: bad input is one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    return run_command(_parse_and_run, argv, "tokenizer.encode")
+
+
+def _parse_and_run(argv: list[str] | None) -> int:
+    run(build_parser().parse_args(argv))
     return 0
 
 

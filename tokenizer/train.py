@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tokenizer.data import read_corpus, split_held_out
-from tokenizer.errors import TokenizerError
+from tokenizer.errors import TokenizerError, run_command
 from tokenizer.model import BPETokenizer
 from tokenizer.pretokenize import PATTERNS, pattern_name, resolve_pattern
 
@@ -176,18 +176,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except TokenizerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    """The command: bad input is one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    return run_command(_parse_and_run, argv, "tokenizer.train")
+
+
+def _parse_and_run(argv: list[str] | None) -> int:
+    run(build_parser().parse_args(argv))
     return 0
 
 

@@ -13,21 +13,13 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenizer import TokenizerError
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for (bad flag, bad file, incompatible checkpoint).
-
-    Every package's own exceptions derive from this; commands print it as one line and exit 2.
-    """
+# The bottom package owns the error base class and the command wrapper; re-exported here.
+from tokenizer.errors import UserError, run_command  # noqa: F401
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -141,25 +133,3 @@ def add_common_arguments(parser: argparse.ArgumentParser, training: bool = True)
         group.add_argument(
             "--compile", action="store_true", help="compile the model with torch.compile"
         )
-
-
-def run_command(
-    main: Callable[[Sequence[str] | None], int | None], argv=None, prog: str = "command"
-) -> int:
-    """Run a command's `main`, mapping user errors to one stderr line + exit 2, Ctrl-C to 130.
-
-    Use as `sys.exit(run_command(main, argv, "package.command"))`.
-    """
-    try:
-        return main(argv) or 0
-    except KeyboardInterrupt as exc:
-        message = str(exc) or "interrupted"
-        print(f"{prog}: {message}", file=sys.stderr)
-        return 130
-    except (UserError, TokenizerError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 2
