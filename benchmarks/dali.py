@@ -131,13 +131,13 @@ def speed(repeats: int, batch: int, n_samples: int) -> None:
 
 
 def quality(checkpoint: Path, n: int, seed: int) -> None:
-    from dali.data import load_dataset
+    from dali.data import load_images
     from dali.evaluate import measure_quality
     from dali.pipeline import generate, load_ddpm
 
     ddpm, config = load_ddpm(checkpoint)
     c = ddpm.unet_config
-    data = load_dataset(config.get("data", "digits"), c.image_size, c.in_channels)
+    data = load_images(config.get("data", "digits"), c.image_size, c.in_channels)
     rows = []
     for sampler, steps in [("ddim", 50), ("ancestral", None)]:
         start = time.perf_counter()

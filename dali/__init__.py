@@ -1,7 +1,7 @@
 """Denoising Diffusion Probabilistic Models (Ho et al. 2020), with DDIM sampling (Song et al. 2021)
 and a Fréchet-distance sample-quality measure that needs no downloaded weights."""
 
-from .data import DaliError, ImageDataset, load_dataset, save_grid
+from .data import DaliError, ImageDataset, load_images, save_grid
 from .diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas
 from .model import UNET_CONFIGS, UNet, UNetConfig, timestep_embedding
 from .pipeline import DDPM, ema_update, generate, load_ddpm
@@ -23,7 +23,7 @@ __all__ = [
     "frechet_distance",
     "generate",
     "linear_betas",
-    "load_dataset",
+    "load_images",
     "load_ddpm",
     "save_grid",
     "timestep_embedding",

@@ -174,7 +174,7 @@ def load_image_folder(directory: Path, image_size: int, channels: int) -> ImageD
 
 
 # -- one entry point -------------------------------------------------------------------------------
-def load_dataset(
+def load_images(
     spec: str, image_size: int | None = None, channels: int | None = None
 ) -> ImageDataset:
     """`digits`, `mnist:DIR` or `folder:DIR`; resized to `image_size` if given, and checked against

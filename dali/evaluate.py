@@ -21,7 +21,7 @@ import torch
 from transformer.cli import add_common_arguments, run_command
 from transformer.runtime import select_device, select_dtype
 
-from .data import DaliError, ImageDataset, load_dataset
+from .data import DaliError, ImageDataset, load_images
 from .pipeline import DDPM, generate, load_ddpm
 from .quality import QualityReport, evaluate_samples, train_classifier
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             f"--steps must be between 1 and T = {ddpm.diffusion.timesteps}, got {args.steps}"
         )
     c = ddpm.unet_config
-    data = load_dataset(args.data or config.get("data", "digits"), c.image_size, c.in_channels)
+    data = load_images(args.data or config.get("data", "digits"), c.image_size, c.in_channels)
     started = time.perf_counter()
     report = measure_quality(
         ddpm, data, args.n, args.sampler, args.steps, args.eta, args.seed, device, dtype

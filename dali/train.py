@@ -31,7 +31,7 @@ from transformer.cli import (
 from transformer.run import TrainingRun
 from transformer.runtime import autocast, seed_everything, select_dtype, setup_distributed
 
-from .data import DaliError, load_dataset, save_grid
+from .data import DaliError, load_images, save_grid
 from .diffusion import DiffusionConfig
 from .model import UNET_CONFIGS, UNetConfig
 from .pipeline import DDPM, ema_decay_at, ema_update, generate
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     if args.out is None:
         raise DaliError("--out DIR is required: the run directory to write into")
 
-    data = load_dataset(args.data, unet_config.image_size, unet_config.in_channels)
+    data = load_images(args.data, unet_config.image_size, unet_config.in_channels)
     dist, device = setup_distributed(args.device)
     if train_config.batch_size % dist.world_size:
         raise DaliError(

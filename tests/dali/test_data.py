@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dali.data import DaliError, load_dataset, load_digits, read_idx, save_grid
+from dali.data import DaliError, load_digits, load_images, read_idx, save_grid
 
 
 def test_digits_are_embedded_and_scaled_to_minus_one_one():
@@ -18,7 +18,7 @@ def test_digits_are_embedded_and_scaled_to_minus_one_one():
 
 
 def test_mnist_test_split_reads(shared_data):
-    data = load_dataset(f"mnist:{shared_data / 'mnist'}", 28, 1)
+    data = load_images(f"mnist:{shared_data / 'mnist'}", 28, 1)
     assert data.images.shape == (10000, 1, 28, 28) and data.labels.shape == (10000,)
     assert data.labels.bincount().tolist()[:3] == [980, 1135, 1032]  # the official counts
     assert data.images.min() == -1 and data.images.max() == 1
@@ -55,27 +55,27 @@ def _png(path, size, mode="RGB", value=128):
 def test_image_folder_is_resized_centre_cropped_and_converted(tmp_path):
     for i in range(3):
         _png(tmp_path / f"{i}.png", (40, 20), value=50 * i)
-    rgb = load_dataset(f"folder:{tmp_path}", 16, 3)
+    rgb = load_images(f"folder:{tmp_path}", 16, 3)
     assert rgb.images.shape == (3, 3, 16, 16) and rgb.labels is None
     assert rgb.images[1, 2].mean().item() == pytest.approx((255 - 50) / 127.5 - 1, abs=0.02)
-    gray = load_dataset(f"folder:{tmp_path}", 8, 1)
+    gray = load_images(f"folder:{tmp_path}", 8, 1)
     assert gray.images.shape == (3, 1, 8, 8)
 
 
 def test_empty_and_mixed_size_folders_are_refused(tmp_path):
     with pytest.raises(DaliError, match="no PNG or JPEG images"):
-        load_dataset(f"folder:{tmp_path}", 8, 1)
+        load_images(f"folder:{tmp_path}", 8, 1)
     _png(tmp_path / "a.png", (10, 10))
     _png(tmp_path / "b.png", (12, 10))
     with pytest.raises(DaliError, match=r"different sizes.*a.png is 10×10, b.png is 12×10"):
-        load_dataset(f"folder:{tmp_path}", 8, 1)
+        load_images(f"folder:{tmp_path}", 8, 1)
     with pytest.raises(DaliError, match="unknown --data"):
-        load_dataset("imagenet", 8, 1)
+        load_images("imagenet", 8, 1)
 
 
 def test_grayscale_data_for_an_rgb_model_is_refused():
     with pytest.raises(DaliError, match="digits has grayscale images but the model expects RGB"):
-        load_dataset("digits", 8, 3)
+        load_images("digits", 8, 3)
 
 
 def test_save_grid(tmp_path):
