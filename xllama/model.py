@@ -620,6 +620,62 @@ class Llama(nn.Module):
         return (logits, h) if return_hidden else logits
 
 
+class TokenDecoder:
+    """One-token decoding steps for generation: `Llama.forward` with a cache, T = 1, no padding.
+
+    The same maths as the blocks above, written for the step that generation repeats hundreds of
+    times, where at small sizes the time goes to per-operation overhead rather than arithmetic:
+
+    - W_q, W_k, W_v are stacked into one matrix and the SwiGLU gate W1 and up W3 into another, so a
+      block runs four matrix products instead of seven (the weights are copied once per call of
+      `generate`; the model's parameters and their names are untouched);
+    - queries and keys are rotated together, with the step's cos/sin row shared by every layer;
+    - a single new query may see every cached key, so attention needs no mask, and the query heads
+      of a key/value group are folded into the sequence axis (as `scaled_dot_product_attention`
+      does), so grouped keys are never repeated.
+
+    `supports(model, cache)` says when it applies (eval mode, no left padding, no rolling buffer);
+    the tests check its logits against `Llama.forward` step by step.
+    """
+
+    def __init__(self, model: Llama):
+        self.model = model
+        self.blocks = []
+        for layer in model.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            qkv = torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight))
+            gate_up = torch.cat((ffn.w1.weight, ffn.w3.weight))
+            self.blocks.append((layer, qkv, attn.wo.weight, gate_up, ffn.w2.weight))
+
+    @staticmethod
+    def supports(model: Llama, cache: Cache) -> bool:
+        return not model.training and cache.pad is None and not cache.rolling
+
+    def __call__(self, tokens: Tensor, cache: Cache) -> Tensor:
+        """Logits (batch, vocab) in float32 of the next token after `tokens` (batch,)."""
+        model, c = self.model, self.model.config
+        n_heads, n_kv, head_dim = c.n_heads, c.kv_heads, c.head_dim
+        batch, start = tokens.size(0), cache.length
+        if start + 1 > cache.max_len:
+            raise XLlamaError(f"sequence of {start + 1} tokens does not fit the cache")
+        cache.length = start + 1
+        rotary = Rotary(
+            model.rope_cos.narrow(0, start, 1), model.rope_sin.narrow(0, start, 1), c.rope_pairing
+        )
+        h = model.tok_embeddings(tokens)[:, None]  # (batch, 1, dim)
+        for (layer, w_qkv, w_o, w_gate_up, w_down), layer_cache in zip(self.blocks, cache.layers):
+            qkv = F.linear(layer.attention_norm(h), w_qkv)
+            qkv = qkv.view(batch, 1, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
+            qk = rotary.rotate(qkv[:, : n_heads + n_kv])
+            k, v = layer_cache.update(qk[:, n_heads:], qkv[:, n_heads + n_kv :])
+            q = qk[:, :n_heads].reshape(batch, n_kv, n_heads // n_kv, head_dim)
+            y = F.scaled_dot_product_attention(q, k, v)  # (batch, n_kv, group, head_dim)
+            h = h + F.linear(y.reshape(batch, 1, n_heads * head_dim), w_o)
+            gate, up = F.linear(layer.ffn_norm(h), w_gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w_down)
+        return model.output(model.norm(h[:, 0])).float()
+
+
 def count_params_meta(config: LlamaConfig) -> int:
     """Parameters of a config without allocating memory (built on the meta device)."""
     with torch.device("meta"):
@@ -653,6 +709,7 @@ __all__ = [
     "RMSNorm",
     "RollingKVCache",
     "Rotary",
+    "TokenDecoder",
     "TransformerBlock",
     "XLlamaError",
     "apply_rope",

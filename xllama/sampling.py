@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Llama, XLlamaError
+from .model import Llama, TokenDecoder, XLlamaError
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -116,12 +116,15 @@ def generate(
         padded = bool((mask == 0).any())
         cache = model.make_cache(batch, longest + max_new_tokens)
         logits = model(tokens, attention_mask=mask if padded else None, cache=cache, last_only=True)
+        logits = logits[:, -1]
+        # Unpadded batches take the fused one-token step; padded ones the general forward.
+        decode = TokenDecoder(model) if TokenDecoder.supports(model, cache) else None
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         watch_eos = stop_at_eos and eos_id is not None
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         steps = 0
         for step in range(max_new_tokens):
-            next_tokens = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
             out[:, step] = next_tokens
             steps = step + 1
             if on_token is not None:
@@ -132,7 +135,10 @@ def generate(
                     break
             if steps == max_new_tokens:
                 break
-            logits = model(next_tokens[:, None], cache=cache, last_only=True)
+            if decode is not None:
+                logits = decode(next_tokens, cache)
+            else:
+                logits = model(next_tokens[:, None], cache=cache, last_only=True)[:, -1]
     finally:
         model.train(was_training)
     results = out[:, :steps].tolist()

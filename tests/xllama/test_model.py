@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xllama import Llama, LlamaConfig, XLlamaError, get_config, token_logprobs
-from xllama.model import RMSNorm, apply_rope, count_params_meta, rope_tables
+from xllama.model import RMSNorm, TokenDecoder, apply_rope, count_params_meta, rope_tables
 from xllama.sampling import generate
 
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
@@ -30,6 +30,24 @@ def test_cached_decoding_equals_full_forward(kind):
         for t in range(7, 20):
             pieces.append(model(tokens[:, t : t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+@pytest.mark.parametrize("kind", HEADS)
+def test_fused_token_decoder_equals_full_forward(kind, pairing):
+    """The one-token step of generation (stacked QKV and gate/up matrices, no mask) against the
+    plain forward over the whole sequence."""
+    model = tiny(HEADS[kind], rope_pairing=pairing)
+    tokens = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(3, 20)
+        assert TokenDecoder.supports(model, cache)
+        decode = TokenDecoder(model)
+        steps = [model(tokens[:, :7], cache=cache)]
+        steps += [decode(tokens[:, t], cache)[:, None] for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 20 and all(layer.position == 20 for layer in cache.layers)
 
 
 def test_left_and_right_padding_do_not_change_rows():
