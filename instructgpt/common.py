@@ -1,5 +1,6 @@
 """What every instructgpt command shares: tokenizers that travel with models, loading policies and
-reward models from checkpoints (ours or xllama's), and the flags of the data and sampling.
+reward models from checkpoints (ours or xllama's), the set-up every training stage does alike
+(flags, distributed start, AdamW and the run directory, DDP) and the data order of the loops.
 
 A model written by an instructgpt command is a run directory of the shared `TrainingRun`
 (`config.json`, `metrics.jsonl`, `checkpoints/step_N/`) with `tokenizer.bpe` beside them; its
@@ -9,13 +10,18 @@ A model written by an instructgpt command is a run directory of the shared `Trai
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from transformer.checkpoint import load_weights, read_config
-from transformer.run import find_checkpoint
+from transformer.cli import add_common_arguments, add_dataclass_arguments
+from transformer.run import TrainingRun, find_checkpoint
+from transformer.runtime import Distributed, seed_everything, select_dtype, setup_distributed
 from xllama import Llama, LlamaConfig
 
 from .data import InstructGPTError
@@ -146,6 +152,91 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
+
+
+# ------------------------------------------------------------------------------------------------
+# Training-stage set-up: what SFT, reward modelling, PPO and DPO do identically before and around
+# their loops, so that each stage's module is its paper's algorithm plus the loop.
+
+
+def add_training_arguments(
+    parser: argparse.ArgumentParser, config_class, name: str, checkpoint_unit: str = "steps"
+) -> None:
+    """The flags every training stage ends with: its config dataclass's fields, --checkpoint-every
+    and the shared --device --dtype --seed --out --resume --compile."""
+    add_dataclass_arguments(parser, config_class, name)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help=f"{checkpoint_unit} between checkpoints"
+    )
+    add_common_arguments(parser)
+
+
+def start_stage(args) -> tuple[Distributed, torch.device, torch.dtype]:
+    """Join the torchrun group if there is one, pick the autocast dtype, and seed every RNG."""
+    dist, device = setup_distributed(args.device)
+    dtype = select_dtype(args.dtype, device)
+    seed_everything(args.seed)
+    return dist, device, dtype
+
+
+def check_steps_batch_lr(config) -> None:
+    """A config with `steps`, `batch_size` and `lr` must have all three positive."""
+    if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
+        raise InstructGPTError("--steps, --batch-size and --lr must be positive")
+
+
+def start_run(
+    args,
+    stage: str,
+    config,
+    model: torch.nn.Module,
+    kind: str,
+    llama: LlamaConfig,
+    tokenizer: TaskTokenizer,
+    dist: Distributed,
+    device: torch.device,
+    *,
+    lr: float,
+    weight_decay: float,
+    extra_config: dict,
+) -> tuple[TrainingRun, torch.optim.AdamW]:
+    """AdamW (β = 0.9, 0.95) over `model`, and the run directory `args.out` that checkpoints both
+    (resumed from `args.resume`; `config.json` says `{"kind": kind, "llama": llama}` and
+    `{"stage": stage, **config}`), with the tokenizer saved beside it by the main process."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95)
+    )
+    run = TrainingRun(
+        args.out,
+        package="instructgpt",
+        model_config=model_config(kind, llama),
+        train_config={"stage": stage, **asdict(config)},
+        model=model,
+        optimizer=optimizer,
+        dist=dist,
+        device=device,
+        resume=args.resume,
+        checkpoint_every=getattr(args, "checkpoint_every", 0),
+        extra_config=extra_config,
+    )
+    if dist.is_main:
+        tokenizer.save(run.out)
+    return run, optimizer
+
+
+def ddp(model: torch.nn.Module, dist: Distributed) -> torch.nn.Module:
+    """`model` wrapped for data-parallel gradients under torchrun; `model` itself otherwise."""
+    return DistributedDataParallel(model) if dist.enabled else model
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, model: torch.nn.Module
+) -> None:
+    """One gradient step on `loss`, with the global gradient norm of `model` clipped to 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
 
 
 # ------------------------------------------------------------------------------------------------

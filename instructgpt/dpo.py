@@ -17,43 +17,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from transformer.cli import (
-    add_common_arguments,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    run_command,
-)
+from transformer.cli import dataclass_from_args, run_command
 from transformer.run import TrainingRun
-from transformer.runtime import autocast, seed_everything, select_dtype, setup_distributed
+from transformer.runtime import autocast
 
 from .common import (
     EpochSampler,
+    add_training_arguments,
     check_beta,
+    check_steps_batch_lr,
     cosine_lr,
+    ddp,
     frozen_copy,
     load_policy,
-    model_config,
+    optimizer_step,
     rank_slice,
     set_lr,
+    start_run,
+    start_stage,
 )
-from .data import (
-    InstructGPTError,
-    Ranking,
-    collate,
-    encode_pair,
-    read_rankings,
-    task_prompts,
-)
+from .data import InstructGPTError, Ranking, collate, encode_pair, task_prompts
 from .losses import dpo_loss
 from .model import sequence_logprobs
-from .reward import make_task_rankings, split_heldout
+from .reward import training_rankings
 
 
 @dataclass
@@ -135,54 +127,31 @@ def preference_accuracy(policy, reference, tokenizer, pairs, config, device) -> 
 
 
 def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[TrainingRun, dict]:
-    dist, device = setup_distributed(args.device)
-    dtype = select_dtype(args.dtype, device)
-    seed_everything(args.seed)
+    dist, device, dtype = start_stage(args)
     check_beta(config.beta)
     if not 0 <= config.label_smoothing < 0.5:
         raise InstructGPTError("--label-smoothing must be in [0, 0.5)")
-    if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise InstructGPTError("--steps, --batch-size and --lr must be positive")
+    check_steps_batch_lr(config)
     policy, tokenizer, base = load_policy(args.model, device)
     max_len = min(config.max_len, policy.config.max_seq_len)
     config.max_len = max_len
-    if rankings is None:
-        if args.data is not None:
-            rankings = read_rankings(args.data)
-        else:
-            rankings = make_task_rankings(
-                policy, tokenizer, task_prompts("train"), config.k, max_len, args.seed
-            )
-    if heldout is None:
-        if args.eval_data is not None:
-            heldout = read_rankings(args.eval_data)
-        else:
-            rankings, heldout = split_heldout(rankings, config.eval_fraction, args.seed)
+    rankings, heldout = training_rankings(
+        args, config, policy, tokenizer, max_len, rankings, heldout
+    )
     pairs, heldout_pairs = ranking_pairs(rankings), ranking_pairs(heldout or [])
     reference = frozen_copy(policy)
     average = config.loss_type == "ipo" and config.ipo_length_normalise
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, betas=(0.9, 0.95))
-    run = TrainingRun(
-        args.out,
-        package="instructgpt",
-        model_config=model_config("policy", policy.config),
-        train_config={"stage": "dpo", **asdict(config)},
-        model=policy,
-        optimizer=optimizer,
-        dist=dist,
-        device=device,
-        resume=args.resume,
-        checkpoint_every=getattr(args, "checkpoint_every", 0),
+    run, optimizer = start_run(
+        args, "dpo", config, policy, "policy", policy.config, tokenizer, dist, device,
+        lr=config.lr, weight_decay=0.01,  # torch's AdamW default, which DPO has always used
         extra_config={"reference_model": str(base), "data": str(args.data or "embedded task")},
-    )
-    if dist.is_main:
-        tokenizer.save(run.out)
+    )  # fmt: skip
     ref_chosen = ref_rejected = None
     if config.precompute_reference:
         ref_chosen, ref_rejected = reference_logprobs(
             reference, tokenizer, pairs, max_len, device, average
         )
-    model = DistributedDataParallel(policy) if dist.enabled else policy
+    model = ddp(policy, dist)
     sampler = EpochSampler(len(pairs), args.seed, run.data_state)
     policy.train()
     for step in run.steps(config.steps, desc="dpo"):
@@ -201,10 +170,7 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
             chosen, rejected, rc, rr, config.beta, config.label_smoothing, config.loss_type
         )
         run.check_finite(out.loss.detach(), step)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, out.loss, policy)
         run.log(
             step,
             loss=dist.all_reduce_mean(out.loss.detach()).item(),
@@ -250,9 +216,7 @@ def main(argv=None) -> int:
         "(default: made for the embedded task)",
     )
     parser.add_argument("--eval-data", type=Path, default=None, help="held-out comparisons JSONL")
-    add_dataclass_arguments(parser, DPOConfig, "DPO")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
-    add_common_arguments(parser)
+    add_training_arguments(parser, DPOConfig, "DPO")
     args = parser.parse_args(argv)
     train_dpo(args, dataclass_from_args(DPOConfig, args))
     return 0

@@ -34,7 +34,7 @@ from transformer.run import TrainingRun
 from transformer.runtime import seed_everything, select_device
 from xllama import Llama, LlamaConfig
 
-from .common import TaskTokenizer, cosine_lr, load_policy, model_config, set_lr
+from .common import TaskTokenizer, cosine_lr, load_policy, model_config, optimizer_step, set_lr
 from .data import corpus_text, task_prompts, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import Judge, compare
@@ -113,10 +113,7 @@ def pretrain(out: Path, config: PipelineConfig, device, seed: int) -> Path:
         set_lr(optimizer, cosine_lr(step, config.pretrain_steps, config.pretrain_lr, 50))
         loss = -token_logprobs(model(x)[:, :-1], x[:, 1:]).mean()
         run.check_finite(loss.detach(), step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, model)
         run.log(step, loss=loss.item())
         run.end_of_step(step)
     run.save(config.pretrain_steps)

@@ -19,32 +19,29 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from transformer.checkpoint import save_checkpoint
-from transformer.cli import (
-    add_common_arguments,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    run_command,
-)
+from transformer.cli import dataclass_from_args, run_command
 from transformer.run import TrainingRun
-from transformer.runtime import seed_everything, setup_distributed
 
 from .common import (
     EpochSampler,
+    add_training_arguments,
     check_beta,
     check_same_tokenizer,
+    ddp,
     frozen_copy,
     load_policy,
     load_reward_model,
     model_config,
     rank_slice,
+    start_run,
+    start_stage,
 )
 from .data import GoldLabeler, InstructGPTError, corpus_text, read_prompts, task_prompts
 from .losses import (
@@ -269,8 +266,7 @@ def pretraining_windows(tokenizer, length: int, seed: int) -> Tensor:
 def train_ppo(
     args, config: PPOConfig, prompts: list[str] | None = None
 ) -> tuple[TrainingRun, dict]:
-    dist, device = setup_distributed(args.device)
-    seed_everything(args.seed)
+    dist, device, _ = start_stage(args)  # rollouts and updates run in float32 (--dtype unused)
     check_beta(config.beta)
     if config.value_init not in ("reward", "policy"):
         raise InstructGPTError("--value-init must be 'reward' or 'policy'")
@@ -292,27 +288,16 @@ def train_ppo(
         prompts = read_prompts(args.prompts) if args.prompts else task_prompts("train")
     gold = GoldLabeler() if embedded else None
     actor_critic = ActorCritic(policy, value_model)
-    optimizer = torch.optim.AdamW(actor_critic.parameters(), lr=config.lr, betas=(0.9, 0.95))
     kl_controller = (
         AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
         if config.adaptive_kl
         else FixedKLController(config.beta)
     )
-    run = TrainingRun(
-        args.out,
-        package="instructgpt",
-        model_config=model_config("actor_critic", policy.config),
-        train_config={"stage": "ppo", **asdict(config)},
-        model=actor_critic,
-        optimizer=optimizer,
-        dist=dist,
-        device=device,
-        resume=args.resume,
-        checkpoint_every=getattr(args, "checkpoint_every", 0),
+    run, optimizer = start_run(
+        args, "ppo", config, actor_critic, "actor_critic", policy.config, tokenizer, dist, device,
+        lr=config.lr, weight_decay=0.01,  # torch's AdamW default, which PPO has always used
         extra_config={"sft_model": str(policy_path), "reward_model": str(rm_path)},
-    )
-    if dist.is_main:
-        tokenizer.save(run.out)
+    )  # fmt: skip
     state = run.data_state or {}
     if "beta" in state:
         kl_controller.value = float(state["beta"])
@@ -328,8 +313,7 @@ def train_ppo(
         if config.ptx_coef > 0
         else None
     )
-    policy_ddp = DistributedDataParallel(policy) if dist.enabled else policy
-    value_ddp = DistributedDataParallel(value_model) if dist.enabled else value_model
+    policy_ddp, value_ddp = ddp(policy, dist), ddp(value_model, dist)
     generator = torch.Generator(device=device)
     cpu_generator = torch.Generator()
     history = []
@@ -408,11 +392,7 @@ def main(argv=None) -> int:
         default=None,
         help='JSONL with a "prompt" per line (default: the embedded task\'s training prompts)',
     )
-    add_dataclass_arguments(parser, PPOConfig, "PPO")
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=0, help="iterations between checkpoints"
-    )
-    add_common_arguments(parser)
+    add_training_arguments(parser, PPOConfig, "PPO", checkpoint_unit="iterations")
     args = parser.parse_args(argv)
     _, last = train_ppo(args, dataclass_from_args(PPOConfig, args))
     if last:

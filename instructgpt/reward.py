@@ -17,26 +17,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from transformer.cli import (
-    add_common_arguments,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    run_command,
-)
+from transformer.cli import dataclass_from_args, run_command
 from transformer.run import TrainingRun
-from transformer.runtime import autocast, seed_everything, select_dtype, setup_distributed
+from transformer.runtime import autocast
 
-from .common import EpochSampler, cosine_lr, load_policy, model_config, rank_slice, set_lr
+from .common import (
+    EpochSampler,
+    add_training_arguments,
+    check_steps_batch_lr,
+    cosine_lr,
+    ddp,
+    load_policy,
+    optimizer_step,
+    rank_slice,
+    set_lr,
+    start_run,
+    start_stage,
+)
 from .data import (
     DataError,
     GoldLabeler,
-    InstructGPTError,
     Ranking,
     collate,
     encode_pair,
@@ -153,51 +158,43 @@ def split_heldout(rankings: list[Ranking], fraction: float, seed: int):
     return [r for r in rankings if r.prompt not in held], [r for r in rankings if r.prompt in held]
 
 
-def train_reward(
-    args, config: RewardConfig, rankings=None, heldout=None
-) -> tuple[TrainingRun, dict]:
-    dist, device = setup_distributed(args.device)
-    dtype = select_dtype(args.dtype, device)
-    seed_everything(args.seed)
-    if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise InstructGPTError("--steps, --batch-size and --lr must be positive")
-    sft, tokenizer, base = load_policy(args.model, device)
-    max_len = min(config.max_len, sft.config.max_seq_len)
+def training_rankings(args, config, policy, tokenizer, max_len: int, rankings=None, heldout=None):
+    """(training, held-out) rankings for the reward model or DPO: those given, else --data (made
+    for the embedded task by `policy` and the labeler without it), and --eval-data (else a share
+    of the prompts, `config.eval_fraction`, held out)."""
     if rankings is None:
         if args.data is not None:
             rankings = read_rankings(args.data)
         else:
             rankings = make_task_rankings(
-                sft, tokenizer, task_prompts("train"), config.k, max_len, args.seed
+                policy, tokenizer, task_prompts("train"), config.k, max_len, args.seed
             )
     if heldout is None:
         if args.eval_data is not None:
             heldout = read_rankings(args.eval_data)
         else:
             rankings, heldout = split_heldout(rankings, config.eval_fraction, args.seed)
+    return rankings, heldout
+
+
+def train_reward(
+    args, config: RewardConfig, rankings=None, heldout=None
+) -> tuple[TrainingRun, dict]:
+    dist, device, dtype = start_stage(args)
+    check_steps_batch_lr(config)
+    sft, tokenizer, base = load_policy(args.model, device)
+    max_len = min(config.max_len, sft.config.max_seq_len)
+    rankings, heldout = training_rankings(args, config, sft, tokenizer, max_len, rankings, heldout)
     if not rankings:
         raise DataError("no training rankings left after holding out the evaluation share")
     model = RewardModel.from_language_model(sft)
     del sft
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
-    )
-    run = TrainingRun(
-        args.out,
-        package="instructgpt",
-        model_config=model_config("reward", model.config),
-        train_config={"stage": "reward", **asdict(config)},
-        model=model,
-        optimizer=optimizer,
-        dist=dist,
-        device=device,
-        resume=args.resume,
-        checkpoint_every=getattr(args, "checkpoint_every", 0),
+    run, optimizer = start_run(
+        args, "reward", config, model, "reward", model.config, tokenizer, dist, device,
+        lr=config.lr, weight_decay=config.weight_decay,
         extra_config={"base_model": str(base), "data": str(args.data or "embedded task")},
-    )
-    if dist.is_main:
-        tokenizer.save(run.out)
-    wrapped = DistributedDataParallel(model) if dist.enabled else model
+    )  # fmt: skip
+    wrapped = ddp(model, dist)
     sampler = EpochSampler(len(rankings), args.seed, run.data_state)
     model.train()
     for step in run.steps(config.steps, desc="reward"):
@@ -208,10 +205,7 @@ def train_reward(
             scores, valid = score_rankings(wrapped, tokenizer, chunk, max_len, device)
         loss = ranking_loss(scores, valid)
         run.check_finite(loss.detach(), step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, model)
         accuracy = ranking_accuracy(scores.detach(), valid)
         run.log(
             step,
@@ -269,9 +263,7 @@ def main(argv=None) -> int:
         default=None,
         help="SFT JSONL whose responses should score 0 on average (default: the embedded task)",
     )
-    add_dataclass_arguments(parser, RewardConfig, "reward model")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
-    add_common_arguments(parser)
+    add_training_arguments(parser, RewardConfig, "reward model")
     args = parser.parse_args(argv)
     train_reward(args, dataclass_from_args(RewardConfig, args))
     return 0

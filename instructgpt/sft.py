@@ -11,26 +11,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-
-from transformer.cli import (
-    add_common_arguments,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    run_command,
-)
+from transformer.cli import dataclass_from_args, run_command
 from transformer.run import TrainingRun
-from transformer.runtime import autocast, seed_everything, select_dtype, setup_distributed
+from transformer.runtime import autocast
 
-from .common import EpochSampler, cosine_lr, load_policy, model_config, rank_slice, set_lr
+from .common import (
+    EpochSampler,
+    add_training_arguments,
+    check_steps_batch_lr,
+    cosine_lr,
+    ddp,
+    load_policy,
+    optimizer_step,
+    rank_slice,
+    set_lr,
+    start_run,
+    start_stage,
+)
 from .data import (
     Demonstration,
-    InstructGPTError,
     collate,
     encode_pair,
     read_demonstrations,
@@ -76,35 +79,19 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def train_sft(
     args, config: SFTConfig, demonstrations: list[Demonstration] | None = None
 ) -> TrainingRun:
-    dist, device = setup_distributed(args.device)
-    dtype = select_dtype(args.dtype, device)
-    seed_everything(args.seed)
-    if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise InstructGPTError("--steps, --batch-size and --lr must be positive")
+    dist, device, dtype = start_stage(args)
+    check_steps_batch_lr(config)
     policy, tokenizer, base = load_policy(args.model, device)
     if demonstrations is None:
         demonstrations = read_demonstrations(args.data) if args.data else task_demonstrations()
     max_len = min(config.max_len, policy.config.max_seq_len)
     examples = [encode_pair(tokenizer, d.prompt, d.response, max_len) for d in demonstrations]
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
-    )
-    run = TrainingRun(
-        args.out,
-        package="instructgpt",
-        model_config=model_config("policy", policy.config),
-        train_config={"stage": "sft", **asdict(config)},
-        model=policy,
-        optimizer=optimizer,
-        dist=dist,
-        device=device,
-        resume=args.resume,
-        checkpoint_every=getattr(args, "checkpoint_every", 0),
+    run, optimizer = start_run(
+        args, "sft", config, policy, "policy", policy.config, tokenizer, dist, device,
+        lr=config.lr, weight_decay=config.weight_decay,
         extra_config={"base_model": str(base), "data": str(args.data or "embedded task")},
-    )
-    if dist.is_main:
-        tokenizer.save(run.out)
-    model = DistributedDataParallel(policy) if dist.enabled else policy
+    )  # fmt: skip
+    model = ddp(policy, dist)
     sampler = EpochSampler(len(examples), args.seed, run.data_state)
     policy.train()
     for step in run.steps(config.steps, desc="sft"):
@@ -116,10 +103,7 @@ def train_sft(
             logits = model(batch.tokens, attention_mask=batch.attention_mask)
         loss = sft_loss(logits, batch.tokens, batch.response_mask)
         run.check_finite(loss.detach(), step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, policy)
         run.log(step, loss=dist.all_reduce_mean(loss.detach()).item(), epoch=sampler.epoch)
         run.end_of_step(step, sampler.state())
     run.save(config.steps, sampler.state())
@@ -143,9 +127,7 @@ def main(argv=None) -> int:
         prog="instructgpt.sft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     add_data_arguments(parser)
-    add_dataclass_arguments(parser, SFTConfig, "SFT")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
-    add_common_arguments(parser)
+    add_training_arguments(parser, SFTConfig, "SFT")
     args = parser.parse_args(argv)
     config = dataclass_from_args(SFTConfig, args)
     train_sft(args, config)
