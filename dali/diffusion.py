@@ -12,8 +12,10 @@ Timesteps are 0-based in code: index t = 0 is the paper's t = 1, the least noisy
                                                                                        `sample_ddim`
 
 The network may predict ε (the paper's choice), x₀, or v = √ᾱ_t ε - √(1-ᾱ_t) x₀ (Salimans & Ho
-2022); whichever it predicts, sampling goes through the implied x̂₀ and ε̂, and x̂₀ is clipped to
-[-1, 1] as in the paper's released sampler. Schedule constants are computed in float64 and stored as
+2022); whichever it predicts, sampling goes through the implied x̂₀ and ε̂. The ancestral sampler
+clips x̂₀ to [-1, 1] as the paper's released sampler does; DDIM by default does not, as in Song et
+al.'s Eq. (12) and their released sampler (diffusers' `DDIMScheduler` clips by default: pass
+`clip_x0=True` for that). Schedule constants are computed in float64 and stored as
 float32 buffers (not saved in checkpoints: they follow from the config).
 """
 
@@ -43,7 +45,7 @@ class DiffusionConfig:
     variance: Literal["small", "large"] = "small"
     """Ancestral sampler variance: σ²_t = β̃_t (small) or β_t (large); the paper found both similar."""
     clip_x0: bool = True
-    """Clip the predicted x̂₀ to [-1, 1] while sampling (as the paper's sampler does)."""
+    """Clip the predicted x̂₀ to [-1, 1] in the ancestral sampler (as the paper's sampler does)."""
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -140,9 +142,11 @@ class GaussianDiffusion(nn.Module):
             - _at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         )
 
-    def predict_x0_eps(self, output: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(x̂₀, ε̂) implied by the network output; x̂₀ clipped to [-1, 1] if the config says so, and
-        ε̂ then recomputed from the clipped x̂₀ so that both samplers use one consistent pair."""
+    def predict_x0_eps(
+        self, output: Tensor, xt: Tensor, t: Tensor, clip: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """(x̂₀, ε̂) implied by the network output; with `clip`, x̂₀ is clipped to [-1, 1] and ε̂
+        recomputed from the clipped x̂₀, so that the update uses one consistent pair."""
         kind = self.config.prediction
         if kind == "eps":
             x0 = self.x0_from_eps(xt, t, output)
@@ -153,7 +157,7 @@ class GaussianDiffusion(nn.Module):
                 _at(self.sqrt_alphas_cumprod, t, xt) * xt
                 - _at(self.sqrt_one_minus_alphas_cumprod, t, xt) * output
             )
-        if self.config.clip_x0:
+        if clip:
             x0 = x0.clamp(-1.0, 1.0)
         return x0, self.eps_from_x0(xt, t, x0)
 
@@ -183,7 +187,7 @@ class GaussianDiffusion(nn.Module):
         Eq. 11 when x̂₀ is not clipped); σ²_t is β̃_t or β_t; no noise is added at the last step.
         """
         tt = torch.full((xt.size(0),), t, device=xt.device, dtype=torch.long)
-        x0, _ = self.predict_x0_eps(output, xt, tt)
+        x0, _ = self.predict_x0_eps(output, xt, tt, clip=self.config.clip_x0)
         mean, _ = self.q_posterior(x0, xt, tt)
         if t == 0:
             return mean, x0
@@ -224,15 +228,23 @@ class GaussianDiffusion(nn.Module):
         return list(range(0, steps * stride, stride))[::-1]
 
     def ddim_step(
-        self, output: Tensor, xt: Tensor, t: int, t_prev: int, eta: float, noise: Tensor | None
+        self,
+        output: Tensor,
+        xt: Tensor,
+        t: int,
+        t_prev: int,
+        eta: float,
+        noise: Tensor | None,
+        clip_x0: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Song et al. Eq. (12): x_{t'} = √ᾱ_{t'} x̂₀ + √(1 - ᾱ_{t'} - σ²) ε̂ + σ z, with
         σ = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_{t'}) (Eq. 16); t' = t_prev, and ᾱ at t' = -1 is 1.
 
-        η = 0 is the deterministic DDIM; η = 1 over all T steps is Algorithm 2 with σ²_t = β̃_t.
-        Returns (x_{t'}, x̂₀)."""
+        η = 0 is the deterministic DDIM; η = 1 over all T steps is Algorithm 2 with σ²_t = β̃_t
+        (with `clip_x0` set as the ancestral sampler's). x̂₀ is the raw prediction unless
+        `clip_x0`. Returns (x_{t'}, x̂₀)."""
         tt = torch.full((xt.size(0),), t, device=xt.device, dtype=torch.long)
-        x0, eps = self.predict_x0_eps(output, xt, tt)
+        x0, eps = self.predict_x0_eps(output, xt, tt, clip=clip_x0)
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else a_t.new_tensor(1.0)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
@@ -252,9 +264,11 @@ class GaussianDiffusion(nn.Module):
         device: torch.device | str = "cpu",
         on_step: Callable[[int, Tensor, Tensor], None] | None = None,
         progress: bool = False,
+        clip_x0: bool = False,
     ) -> Tensor:
         """DDIM sampling over `steps` evenly strided timesteps (Song et al. §4.2); deterministic
-        given x_T when η = 0, and reproducible for a generator's seed for any η."""
+        given x_T when η = 0, and reproducible for a generator's seed for any η. `clip_x0` clips
+        x̂₀ to [-1, 1] at every step (diffusers' default; not in Song et al.)."""
         taus = self.ddim_timesteps(steps)
         x = torch.randn(shape, generator=generator, device=device)
         for i in _progress(range(len(taus)), progress, f"ddim-{steps}"):
@@ -264,7 +278,7 @@ class GaussianDiffusion(nn.Module):
             noise = None
             if eta > 0 and t_prev >= 0:
                 noise = torch.randn(shape, generator=generator, device=device)
-            x, x0 = self.ddim_step(model(x, tt).float(), x, t, t_prev, eta, noise)
+            x, x0 = self.ddim_step(model(x, tt).float(), x, t, t_prev, eta, noise, clip_x0)
             if on_step is not None:
                 on_step(t, x, x0)
         return x
@@ -280,13 +294,17 @@ class GaussianDiffusion(nn.Module):
         device: torch.device | str = "cpu",
         on_step: Callable[[int, Tensor, Tensor], None] | None = None,
         progress: bool = False,
+        ddim_clip_x0: bool = False,
     ) -> Tensor:
-        """Either sampler by name; `steps` is for DDIM (ancestral always takes all T steps)."""
+        """Either sampler by name; `steps`, `eta` and `ddim_clip_x0` are for DDIM (ancestral always
+        takes all T steps and clips as the config says)."""
         if sampler == "ancestral":
             return self.sample_ancestral(model, shape, generator, device, on_step, progress)
         if sampler == "ddim":
             steps = steps or 50
-            return self.sample_ddim(model, shape, steps, eta, generator, device, on_step, progress)
+            return self.sample_ddim(
+                model, shape, steps, eta, generator, device, on_step, progress, ddim_clip_x0
+            )
         raise ValueError(f"unknown sampler {sampler!r} (ancestral or ddim)")
 
 

@@ -22,7 +22,7 @@ from transformer.cli import add_common_arguments, run_command
 from transformer.runtime import select_device, select_dtype
 
 from .data import DaliError, ImageDataset, load_images
-from .pipeline import DDPM, generate, load_ddpm
+from .pipeline import DDPM, add_sampler_arguments, generate, load_ddpm
 from .quality import QualityReport, evaluate_samples, train_classifier
 
 
@@ -38,6 +38,7 @@ def measure_quality(
     dtype: torch.dtype = torch.float32,
     samples: torch.Tensor | None = None,
     progress: bool = True,
+    ddim_clip_x0: bool = False,
 ) -> QualityReport:
     """Generate `n` samples (unless given) and compare them with `data` in the feature space of
     a classifier trained on `data`."""
@@ -59,6 +60,7 @@ def measure_quality(
             dtype=dtype,
             batch_size=500,
             progress=progress,
+            ddim_clip_x0=ddim_clip_x0,
         )
     report = evaluate_samples(
         samples, data.images, classifier.features, classifier, seed=seed, device=device
@@ -79,16 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--n", type=int, default=1000, help="samples to generate and compare (default: 1000)"
     )
-    parser.add_argument(
-        "--sampler",
-        choices=["ancestral", "ddim"],
-        default="ddim",
-        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al. (default: ddim)",
-    )
-    parser.add_argument("--steps", type=int, default=100, help="DDIM steps, 1..T (default: 100)")
-    parser.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM η, 0 is deterministic (default: 0)"
-    )
+    add_sampler_arguments(parser, sampler="ddim", steps=100)
     parser.add_argument(
         "--data",
         default=None,
@@ -114,8 +107,9 @@ def main(argv=None) -> int:
     data = load_images(args.data or config.get("data", "digits"), c.image_size, c.in_channels)
     started = time.perf_counter()
     report = measure_quality(
-        ddpm, data, args.n, args.sampler, args.steps, args.eta, args.seed, device, dtype
-    )
+        ddpm, data, args.n, args.sampler, args.steps, args.eta, args.seed, device, dtype,
+        ddim_clip_x0=args.ddim_clip_x0,
+    )  # fmt: skip
     steps = ddpm.diffusion.timesteps if args.sampler == "ancestral" else args.steps
     print(f"{args.sampler} sampler, {steps} steps, {args.n} samples, seed {args.seed}")
     for line in report.lines():

@@ -8,6 +8,7 @@ the config and are not stored.
 
 from __future__ import annotations
 
+import argparse
 import copy
 from collections.abc import Callable
 from pathlib import Path
@@ -93,9 +94,12 @@ def generate(
     on_step: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = False,
     use_ema: bool = True,
+    ddim_clip_x0: bool = False,
 ) -> Tensor:
     """n images in [-1, 1] from the EMA network, reproducible for `seed` (batches draw from one
-    generator in order). `on_step` sees only the first batch."""
+    generator in order). `on_step` sees only the first batch. `ddim_clip_x0` clips x̂₀ inside
+    DDIM (off by default, as in Song et al.); either way the final images are clamped to the data
+    range [-1, 1], as any image writer would."""
     device = torch.device(device)
     net = ddpm.ema if use_ema else ddpm.model
     net.eval()
@@ -123,6 +127,32 @@ def generate(
                 device,
                 on_step if start == 0 else None,
                 progress,
+                ddim_clip_x0,
             ).cpu()
         )
-    return torch.cat(out)
+    return torch.cat(out).clamp(-1.0, 1.0)
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, sampler: str, steps: int) -> None:
+    """The sampler flags of `dali.sample` and `dali.evaluate`: --sampler --steps --eta
+    --ddim-clip-x0, with the given defaults."""
+    parser.add_argument(
+        "--sampler",
+        choices=["ancestral", "ddim"],
+        default=sampler,
+        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al. over --steps steps "
+        f"(default: {sampler})",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=steps, help=f"DDIM steps, 1..T (default: {steps})"
+    )
+    parser.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)"
+    )
+    parser.add_argument(
+        "--ddim-clip-x0",
+        action="store_true",
+        help="clip x̂₀ to [-1, 1] inside DDIM too, as diffusers' DDIMScheduler does by default "
+        "(Song et al. do not; the ancestral sampler clips as Ho et al., unless the model's "
+        "config says clip_x0 false)",
+    )

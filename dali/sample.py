@@ -23,7 +23,7 @@ from transformer.cli import add_common_arguments, run_command
 from transformer.runtime import select_device, select_dtype
 
 from .data import DaliError, save_grid, to_uint8
-from .pipeline import generate, load_ddpm
+from .pipeline import add_sampler_arguments, generate, load_ddpm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,17 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, required=True, help="checkpoint or run directory"
     )
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    parser.add_argument(
-        "--sampler",
-        choices=["ancestral", "ddim"],
-        default="ancestral",
-        help="ancestral: Algorithm 2 over all T steps; ddim: Song et al. over --steps steps "
-        "(default: ancestral)",
-    )
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps, 1..T (default: 50)")
-    parser.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)"
-    )
+    add_sampler_arguments(parser, sampler="ancestral", steps=50)
     parser.add_argument(
         "--batch-size", type=int, default=256, help="samples generated at once (default: 256)"
     )
@@ -105,6 +95,7 @@ def main(argv=None) -> int:
         dtype,
         on_step=record if args.chain else None,
         progress=True,
+        ddim_clip_x0=args.ddim_clip_x0,
     )
     seconds = time.perf_counter() - started
     out = args.out if args.out.suffix.lower() == ".png" else args.out / "grid.png"

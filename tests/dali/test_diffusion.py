@@ -113,9 +113,10 @@ def test_ancestral_step_matches_diffusers_ddpm_step(variance, prediction):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 if t > 10 else 2e-4)
 
 
+@pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_ddim_step_matches_diffusers_ddim_step(eta, prediction):
+def test_ddim_step_matches_diffusers_ddim_step(eta, prediction, clip):
     steps = 50
     ours = GaussianDiffusion(DiffusionConfig(prediction=prediction))
     ref = diffusers.DDIMScheduler(
@@ -123,7 +124,7 @@ def test_ddim_step_matches_diffusers_ddim_step(eta, prediction):
         beta_start=1e-4,
         beta_end=0.02,
         beta_schedule="linear",
-        clip_sample=True,
+        clip_sample=clip,
         set_alpha_to_one=True,
         prediction_type=PREDICTION[prediction],
     )
@@ -138,7 +139,7 @@ def test_ddim_step_matches_diffusers_ddim_step(eta, prediction):
             output, t, x, eta=eta, use_clipped_model_output=True, variance_noise=noise
         ).prev_sample
         t_prev = taus[i + 1] if i + 1 < len(taus) else -1
-        got, _ = ours.ddim_step(output, x, t, t_prev, eta, noise)
+        got, _ = ours.ddim_step(output, x, t, t_prev, eta, noise, clip_x0=clip)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -148,12 +149,16 @@ def _toy_model(x, t):
     return 0.5 * torch.tanh(x) + 0.1 * torch.sin(t.float() / 37.0)[:, None, None, None]
 
 
+@pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_ddim_with_eta_one_over_all_steps_is_ancestral_with_small_variance(schedule):
-    d = GaussianDiffusion(DiffusionConfig(timesteps=200, schedule=schedule, variance="small"))
+def test_ddim_with_eta_one_over_all_steps_is_ancestral_with_small_variance(schedule, clip):
+    config = DiffusionConfig(timesteps=200, schedule=schedule, variance="small", clip_x0=clip)
+    d = GaussianDiffusion(config)
     shape = (3, 1, 4, 4)
     ancestral = d.sample_ancestral(_toy_model, shape, torch.Generator().manual_seed(7))
-    ddim = d.sample_ddim(_toy_model, shape, 200, 1.0, torch.Generator().manual_seed(7))
+    ddim = d.sample_ddim(
+        _toy_model, shape, 200, 1.0, torch.Generator().manual_seed(7), clip_x0=clip
+    )
     torch.testing.assert_close(ddim, ancestral, rtol=1e-4, atol=1e-4)
     # ... and η = 0 is something else (deterministic DDIM).
     assert not torch.allclose(
