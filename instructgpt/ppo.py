@@ -353,9 +353,11 @@ def train_ppo(
             "kl": kl,
             "beta": beta,
             "reward": dist.all_reduce_mean((rollout.score - beta * rollout.kl).mean()).item(),
-            "response_length": rollout.mask.sum(1).float().mean().item(),
-            **stats,
-        }
+            "response_length": dist.all_reduce_mean(rollout.mask.sum(1).float().mean()).item(),
+            # the update's statistics, averaged over processes like the rest (float64: exact)
+            **{k: dist.all_reduce_mean(torch.tensor(v, dtype=torch.float64)).item()
+               for k, v in stats.items()},
+        }  # fmt: skip
         if gold is not None:
             texts = [tokenizer.decode(r) for r in rollout.responses]
             gold_scores = torch.tensor(
