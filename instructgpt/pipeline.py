@@ -11,6 +11,10 @@
    interval, gold score and KL(π‖π_SFT); the reward-KL frontier and the over-optimisation plot.
 Stages that finished are skipped when the command is run again with the same --out.
 The gold labeler never enters training: it only ranks samples (step 3) and judges (step 6).
+
+Under torchrun (`torchrun --nproc-per-node N -m instructgpt.pipeline ...`) every process runs the
+training stages, each data-parallel; the work of one process (ranking samples, marking stages
+done, evaluating, plotting) is rank 0's while the others wait, then read what it wrote.
 """
 
 from __future__ import annotations
@@ -31,10 +35,20 @@ from transformer.cli import (
     run_command,
 )
 from transformer.run import TrainingRun
-from transformer.runtime import seed_everything, select_device
+from transformer.runtime import Distributed, seed_everything, setup_distributed
 from xllama import Llama, LlamaConfig
 
-from .common import TaskTokenizer, cosine_lr, load_policy, model_config, optimizer_step, set_lr
+from .common import (
+    TOKENIZER_FILE,
+    TaskTokenizer,
+    cosine_lr,
+    ddp,
+    load_policy,
+    model_config,
+    optimizer_step,
+    rank_slice,
+    set_lr,
+)
 from .data import corpus_text, task_prompts, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import Judge, compare
@@ -86,10 +100,20 @@ class PipelineConfig:
     """longest sampled response (rankings, PPO rollouts, evaluation)"""
 
 
-def pretrain(out: Path, config: PipelineConfig, device, seed: int) -> Path:
-    """Step 1: tokenizer + next-token pretraining of a small xllama on the embedded corpus."""
+def pretrain(
+    out: Path, config: PipelineConfig, device, seed: int, dist: Distributed | None = None
+) -> Path:
+    """Step 1: tokenizer + next-token pretraining of a small xllama on the embedded corpus.
+
+    Under torchrun, rank 0 trains the tokenizer, and each process takes its share of every step's
+    windows (DDP averages the gradients), so the steps are those of one process."""
+    dist = dist or Distributed()
     text = corpus_text()
-    tokenizer = TaskTokenizer.train(text, config.vocab_size)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        TaskTokenizer.train(text, config.vocab_size).save(out)
+    dist.barrier()
+    tokenizer = TaskTokenizer.load(out / TOKENIZER_FILE)
     ids = torch.tensor(tokenizer.encode(text))
     llama = LlamaConfig(
         dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
@@ -103,18 +127,20 @@ def pretrain(out: Path, config: PipelineConfig, device, seed: int) -> Path:
     run = TrainingRun(
         out, package="instructgpt", model_config=model_config("policy", llama),
         train_config={"stage": "pretrain", **asdict(config)}, model=model, optimizer=optimizer,
-        device=device,
+        dist=dist, device=device,
     )  # fmt: skip
-    tokenizer.save(out)
+    model_ddp = ddp(model, dist)
     for step in run.steps(config.pretrain_steps, desc="pretrain"):
         g = torch.Generator().manual_seed(seed * 100003 + step)
         starts = torch.randint(0, len(ids) - config.context, (config.pretrain_batch,), generator=g)
-        x = torch.stack([ids[s : s + config.context] for s in starts.tolist()]).to(device)
+        starts = rank_slice(starts.tolist(), dist.rank, dist.world_size)
+        x = torch.stack([ids[s : s + config.context] for s in starts]).to(device)
         set_lr(optimizer, cosine_lr(step, config.pretrain_steps, config.pretrain_lr, 50))
-        loss = -token_logprobs(model(x)[:, :-1], x[:, 1:]).mean()
-        run.check_finite(loss.detach(), step)
+        loss = -token_logprobs(model_ddp(x)[:, :-1], x[:, 1:]).mean()
+        mean_loss = dist.all_reduce_mean(loss.detach())
+        run.check_finite(mean_loss, step)
         optimizer_step(optimizer, loss, model)
-        run.log(step, loss=loss.item())
+        run.log(step, loss=mean_loss.item())
         run.end_of_step(step)
     run.save(config.pretrain_steps)
     return out
@@ -130,29 +156,32 @@ def _done(path: Path) -> bool:
     return (path / "DONE").is_file()
 
 
-def _mark(path: Path, info: dict | None = None) -> None:
-    (path / "DONE").write_text(json.dumps(info or {}, indent=2) + "\n")
+def _mark(path: Path, dist: Distributed, info: dict | None = None) -> None:
+    """Mark a stage done (rank 0 writes; every process goes on once it is written)."""
+    if dist.is_main:
+        (path / "DONE").write_text(json.dumps(info or {}, indent=2) + "\n")
+    dist.barrier()
 
 
 def run_pipeline(common, config: PipelineConfig) -> dict:
+    dist, device = setup_distributed(common.device)
     out = Path(common.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = select_device(common.device)
     results: dict = {"config": asdict(config)}
 
     base = Path(common.base) if common.base else out / "base"
     if not common.base and not _done(base):
-        pretrain(base, config, device, common.seed)
-        _mark(base)
+        pretrain(base, config, device, common.seed, dist)
+        _mark(base, dist)
 
     sft_dir = out / "sft"
     if not _done(sft_dir):
         train_sft(_args(common, sft_dir, model=base, data=None), SFTConfig(steps=config.sft_steps))
-        _mark(sft_dir)
+        _mark(sft_dir, dist)
 
-    # Step 3: the labeler ranks K samples per prompt from the SFT policy.
+    # Step 3: the labeler ranks K samples per prompt from the SFT policy (rank 0; the others wait).
     rankings_path, heldout_path = out / "rankings.jsonl", out / "rankings_heldout.jsonl"
-    if not rankings_path.is_file():
+    if dist.is_main and not rankings_path.is_file():
         sft, tokenizer, _ = load_policy(sft_dir, device)
         rankings = make_task_rankings(
             sft, tokenizer, task_prompts("train"), config.k, config.context, common.seed,
@@ -163,6 +192,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
         write_jsonl(
             rankings_path, [{"prompt": r.prompt, "responses": r.responses} for r in train_rankings]
         )
+    dist.barrier()
 
     rm_dir = out / "reward"
     if not _done(rm_dir):
@@ -177,7 +207,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
             ),
             RewardConfig(steps=config.rm_steps),
         )
-        _mark(rm_dir, summary)
+        _mark(rm_dir, dist, summary)
     results["reward_model"] = json.loads((rm_dir / "DONE").read_text())
 
     policies = {}
@@ -193,7 +223,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
                     max_new_tokens=config.max_new_tokens,
                 ),  # fmt: skip,
             )
-            _mark(d)
+            _mark(d, dist)
         policies[d.name] = d
     for beta in config.dpo_betas:
         d = out / f"dpo-beta{beta:g}"
@@ -202,10 +232,21 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
                 _args(common, d, model=sft_dir, data=rankings_path, eval_data=heldout_path),
                 DPOConfig(steps=config.dpo_steps, beta=beta, lr=config.dpo_lr),
             )
-            _mark(d, summary)
+            _mark(d, dist, summary)
         policies[d.name] = d
 
-    # Step 6: every policy against SFT under the gold labeler, on held-out prompts.
+    if dist.is_main:
+        evaluate_policies(out, sft_dir, policies, config, common.seed, device, results)
+    dist.barrier()
+    dist.close()
+    return results if dist.is_main else json.loads((out / "results.json").read_text())
+
+
+def evaluate_policies(
+    out: Path, sft_dir: Path, policies: dict, config: PipelineConfig, seed: int, device, results
+) -> None:
+    """Step 6: every policy against SFT under the gold labeler, on held-out prompts; writes
+    results.json (`results` with the evaluation added) and the two plots."""
     sft, tokenizer, _ = load_policy(sft_dir, device)
     sft.eval()
     prompts = task_prompts("heldout")
@@ -220,7 +261,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
             Judge(),
             config.eval_samples,
             config.max_new_tokens,
-            common.seed,
+            seed,
         )
         evaluation[name] = result
         print(
@@ -237,7 +278,6 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
         plot_overoptimisation(out, out / "overoptimisation.png")
     except ImportError as exc:
         print(f"plots skipped ({exc}); install the 'plots' extra for matplotlib")
-    return results
 
 
 def main(argv=None) -> int:

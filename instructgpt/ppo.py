@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from transformer.checkpoint import save_checkpoint
 from transformer.cli import dataclass_from_args, run_command
 from transformer.run import TrainingRun
+from transformer.runtime import Distributed
 
 from .common import (
     EpochSampler,
@@ -95,7 +97,7 @@ class PPOConfig:
     ptx_coef: float = 0.0
     """PPO-ptx: coefficient γ of the pretraining log-likelihood term (0 = plain PPO)"""
     ptx_batch: int = 8
-    """pretraining sequences per gradient step when ptx-coef > 0"""
+    """pretraining sequences per gradient step (and process) when ptx-coef > 0"""
     ptx_len: int = 48
     """tokens per pretraining sequence"""
     max_new_tokens: int = 32
@@ -193,20 +195,19 @@ def ppo_update(
     optimizer: torch.optim.Optimizer,
     rollout: Rollout,
     config: PPOConfig,
-    ptx_tokens: Tensor | None = None,
+    ptx_batches: Iterator[Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> dict:
     """Step 4: `ppo_epochs` passes of minibatch gradient steps; returns averaged statistics.
 
-    `policy` and `value_model` may be DistributedDataParallel wrappers. `ptx_tokens`
-    (n, ptx_len) is pretraining text for PPO-ptx, drawn from in order.
+    `policy` and `value_model` may be DistributedDataParallel wrappers. `ptx_batches` yields the
+    pretraining text of PPO-ptx, one (ptx_batch, ptx_len) batch per gradient step.
     """
     n = rollout.tokens.size(0)
     stats: dict[str, list[float]] = {
         k: []
         for k in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss")
     }
-    ptx_row = 0
     for _ in range(config.ppo_epochs):
         order = torch.randperm(n, generator=generator).to(rollout.tokens.device)
         for start in range(0, n, config.minibatch):
@@ -217,10 +218,8 @@ def ppo_update(
                 logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], config.clip
             )
             loss = pg.loss
-            if ptx_tokens is not None and config.ptx_coef > 0:
-                rows = torch.arange(ptx_row, ptx_row + config.ptx_batch) % ptx_tokens.size(0)
-                ptx_row += config.ptx_batch
-                text = ptx_tokens[rows]
+            if ptx_batches is not None and config.ptx_coef > 0:
+                text = next(ptx_batches)
                 # Through the unwrapped module: one DDP forward per backward; the gradients of
                 # both terms meet in the same parameters and are all-reduced together.
                 lm = getattr(policy, "module", policy)
@@ -255,12 +254,22 @@ class ActorCritic(nn.Module):
         self.policy, self.value = policy, value
 
 
-def pretraining_windows(tokenizer, length: int, seed: int) -> Tensor:
-    """Shuffled windows of `length` tokens of the pretraining corpus (the embedded one), for PPO-ptx."""
+def pretraining_windows(tokenizer, length: int) -> Tensor:
+    """The pretraining corpus (the embedded one) cut into windows of `length` tokens, for PPO-ptx."""
     ids = torch.tensor(tokenizer.encode(corpus_text()))
     n = len(ids) // length
-    windows = ids[: n * length].view(n, length)
-    return windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    return ids[: n * length].view(n, length)
+
+
+def pretraining_batches(
+    windows: Tensor, sampler: EpochSampler, batch: int, dist: Distributed
+) -> Iterator[Tensor]:
+    """Batches of `batch` pretraining windows for PPO-ptx in a shuffled order, each continuing where
+    the last gradient step stopped (`sampler` holds the position that a checkpoint saves); each
+    process gets its own windows."""
+    while True:
+        rows = sampler.next_batch(batch * dist.world_size)
+        yield windows[rank_slice(rows, dist.rank, dist.world_size)]
 
 
 def train_ppo(
@@ -308,14 +317,22 @@ def train_ppo(
         raise InstructGPTError(
             f"a prompt is longer than {max_prompt} tokens (the context minus --max-new-tokens)"
         )
-    ptx_tokens = (
-        pretraining_windows(tokenizer, config.ptx_len, args.seed).to(device)
-        if config.ptx_coef > 0
-        else None
-    )
+    ptx_batches, ptx_sampler = None, None
+    if config.ptx_coef > 0:
+        windows = pretraining_windows(tokenizer, config.ptx_len).to(device)
+        ptx_sampler = EpochSampler(len(windows), args.seed, state.get("ptx"))
+        ptx_batches = pretraining_batches(windows, ptx_sampler, config.ptx_batch, dist)
     policy_ddp, value_ddp = ddp(policy, dist), ddp(value_model, dist)
     generator = torch.Generator(device=device)
     cpu_generator = torch.Generator()
+
+    def data_state() -> dict:
+        """What the loop carries from one iteration to the next besides weights, optimizer, RNG."""
+        state = {"prompts": sampler.state(), "beta": kl_controller.value}
+        if ptx_sampler is not None:
+            state["ptx"] = ptx_sampler.state()
+        return state
+
     history = []
     for it in run.steps(config.iterations, desc="ppo"):
         indices = rank_slice(sampler.next_batch(config.rollout_batch), dist.rank, dist.world_size)
@@ -328,7 +345,7 @@ def train_ppo(
             tokenizer.eos_id, config, beta, generator,
         )  # fmt: skip
         stats = ppo_update(
-            policy_ddp, value_ddp, optimizer, rollout, config, ptx_tokens, cpu_generator
+            policy_ddp, value_ddp, optimizer, rollout, config, ptx_batches, cpu_generator
         )
         kl = dist.all_reduce_mean(rollout.kl.mean()).item()
         metrics = {
@@ -336,9 +353,11 @@ def train_ppo(
             "kl": kl,
             "beta": beta,
             "reward": dist.all_reduce_mean((rollout.score - beta * rollout.kl).mean()).item(),
-            "response_length": rollout.mask.sum(1).float().mean().item(),
-            **stats,
-        }
+            "response_length": dist.all_reduce_mean(rollout.mask.sum(1).float().mean()).item(),
+            # the update's statistics, averaged over processes like the rest (float64: exact)
+            **{k: dist.all_reduce_mean(torch.tensor(v, dtype=torch.float64)).item()
+               for k, v in stats.items()},
+        }  # fmt: skip
         if gold is not None:
             texts = [tokenizer.decode(r) for r in rollout.responses]
             gold_scores = torch.tensor(
@@ -355,8 +374,8 @@ def train_ppo(
         kl_controller.update(kl, config.rollout_batch)
         run.log(it, **metrics)
         history.append(metrics)
-        run.end_of_step(it, {"prompts": sampler.state(), "beta": kl_controller.value})
-    run.save(config.iterations, {"prompts": sampler.state(), "beta": kl_controller.value})
+        run.end_of_step(it, data_state())
+    run.save(config.iterations, data_state())
     if dist.is_main:
         save_policy(run.out, policy, tokenizer, {"stage": "ppo", "sft_model": str(policy_path)})
         from .sft import print_samples

@@ -58,6 +58,9 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False
+    """True if `setup_distributed` joined the process group for this object: only then does `close`
+    leave it (a caller that joined first, e.g. a pipeline running several commands, keeps it)"""
 
     @property
     def enabled(self) -> bool:
@@ -88,14 +91,16 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if self.enabled and self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def setup_distributed(device_name: str = "auto") -> tuple[Distributed, torch.device]:
     """Join the `torchrun` process group if launched by it (gloo on CPU, NCCL on GPU).
 
-    Returns this process's `Distributed` and its device (cuda:LOCAL_RANK on GPU).
+    Returns this process's `Distributed` and its device (cuda:LOCAL_RANK on GPU). Called again in
+    the same process (several commands in one job), it reuses the group, and only the first
+    `Distributed` closes it.
     """
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(), select_device(device_name)
@@ -105,6 +110,8 @@ def setup_distributed(device_name: str = "auto") -> tuple[Distributed, torch.dev
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return Distributed(rank, world, local_rank), device
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return Distributed(rank, world, local_rank), device
+    return Distributed(rank, world, local_rank, owns_group=True), device

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from instructgpt import dpo, evaluate, pipeline, ppo, reward, sft
 from tests.instructgpt.conftest import write_jsonl
@@ -181,7 +182,7 @@ def test_reward_normalisation_and_ppo_and_dpo_runs(trained, base_model, capsys):
     assert code == 0
 
 
-def _sft_losses(out):
+def _losses(out):
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -205,7 +206,7 @@ def test_two_process_gloo_sft_matches_one_process(tmp_path, base_model):
     two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
-    for a, b in zip(_sft_losses(tmp_path / "one"), _sft_losses(tmp_path / "two")):
+    for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
         assert a == pytest.approx(b, rel=1e-4)
 
 
@@ -217,6 +218,27 @@ def test_tiny_pipeline_runs_every_stage(tmp_path):
     assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1"}
     for r in results["evaluation"].values():
         assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
+
+
+def test_tiny_pipeline_under_two_process_torchrun(tmp_path):
+    """One torchrun job (gloo) runs the whole pipeline: every process trains each stage with DDP,
+    rank 0 alone ranks samples, marks stages done and evaluates."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           "29533", "-m", "instructgpt.pipeline", "--preset", "tiny", "--out", str(tmp_path / "two"),
+           "--device", "cpu"]  # fmt: skip
+    two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1"}
+    assert 0 <= results["reward_model"]["heldout_accuracy"] <= 1
+    for stage in ("base", "sft", "reward", "ppo-beta0.05", "dpo-beta0.1"):
+        assert (tmp_path / "two" / stage / "DONE").is_file()
+    # pretraining split each step's windows over the two processes and averaged the gradients:
+    # the losses of one process on the whole batch
+    pipeline.pretrain(tmp_path / "one", pipeline.TINY, torch.device("cpu"), seed=0)
+    for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two" / "base")):
+        assert a == pytest.approx(b, rel=1e-6)
 
 
 def test_an_xllama_training_run_is_a_base_model(tmp_path):

@@ -131,3 +131,30 @@ def test_dataclass_flags_take_docstrings_and_override_presets():
     args = parser.parse_args(["--dropout", "0.3", "--pre-norm", "--sizes", "1", "4"])
     got = dataclass_from_args(Config, args, base=Config(d_model=64))
     assert got == Config(d_model=64, dropout=0.3, pre_norm=True, sizes=(1, 4))
+
+
+JOIN_TWICE = """
+import torch
+import torch.distributed as dist
+from transformer.runtime import setup_distributed
+
+outer, _ = setup_distributed("cpu")  # e.g. a pipeline
+inner, _ = setup_distributed("cpu")  # a command it runs, which joins and closes as if alone
+assert outer.owns_group and not inner.owns_group
+inner.close()
+assert outer.all_reduce_mean(torch.tensor([float(outer.rank)])).item() == 0.5
+outer.close()
+assert not dist.is_initialized()
+print("closed", outer.rank)
+"""
+
+
+def test_setup_distributed_twice_in_one_process_joins_once(tmp_path):
+    script = tmp_path / "join_twice.py"
+    script.write_text(JOIN_TWICE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", "29541", str(script)]  # fmt: skip
+    result = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "closed 0" in result.stdout and "closed 1" in result.stdout
