@@ -210,7 +210,6 @@ def test_two_process_gloo_sft_matches_one_process(tmp_path, base_model):
         assert a == pytest.approx(b, rel=1e-4)
 
 
-@pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage(tmp_path):
     code = pipeline.main(["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"])
     assert code == 0
