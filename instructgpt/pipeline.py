@@ -78,21 +78,21 @@ class PipelineConfig:
     """peak pretraining learning rate"""
     sft_steps: int = 200
     """SFT steps"""
-    k: int = 4
+    k: int = 8
     """responses sampled per prompt and ranked by the labeler"""
-    rm_steps: int = 200
+    rm_steps: int = 300
     """reward model steps"""
-    ppo_iterations: int = 30
+    ppo_iterations: int = 80
     """PPO rollout batches per β"""
-    ppo_lr: float = 3e-5
+    ppo_lr: float = 5e-5
     """PPO learning rate"""
-    ppo_betas: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
+    ppo_betas: list[float] = field(default_factory=lambda: [0.005, 0.02, 0.1])
     """KL coefficients of the PPO runs"""
-    dpo_steps: int = 150
+    dpo_steps: int = 300
     """DPO steps per β"""
-    dpo_lr: float = 5e-5
+    dpo_lr: float = 1e-4
     """DPO learning rate"""
-    dpo_betas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3, 1.0])
+    dpo_betas: list[float] = field(default_factory=lambda: [0.03, 0.05, 0.1, 0.3])
     """β of the DPO runs"""
     eval_samples: int = 4
     """responses per held-out prompt for the win rates"""
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
 TINY = replace(
     PipelineConfig(),
     vocab_size=300, dim=32, n_layers=1, n_heads=2, context=48, pretrain_steps=5, sft_steps=3,
-    rm_steps=3, ppo_iterations=1, max_new_tokens=12, ppo_betas=[0.05], dpo_steps=2, dpo_betas=[0.1], eval_samples=1,
+    k=4, rm_steps=3, ppo_iterations=1, max_new_tokens=12, ppo_betas=[0.05], dpo_steps=2, dpo_betas=[0.1], eval_samples=1,
 )  # fmt: skip
 
 
