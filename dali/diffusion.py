@@ -13,9 +13,9 @@ Timesteps are 0-based in code: index t = 0 is the paper's t = 1, the least noisy
 
 The network may predict ε (the paper's choice), x₀, or v = √ᾱ_t ε - √(1-ᾱ_t) x₀ (Salimans & Ho
 2022); whichever it predicts, sampling goes through the implied x̂₀ and ε̂. The ancestral sampler
-clips x̂₀ to [-1, 1] as the paper's released sampler does; DDIM by default does not, as in Song et
-al.'s Eq. (12) and their released sampler (diffusers' `DDIMScheduler` clips by default: pass
-`clip_x0=True` for that). Schedule constants are computed in float64 and stored as
+clips x̂₀ to [-1, 1] as the paper's released sampler does; DDIM clips too by default, as diffusers'
+`DDIMScheduler` does (`clip_x0=False` gives Song et al.'s Eq. (12) with the raw prediction, which
+matters only for an undertrained network: dali/README.md). Schedule constants are computed in float64 and stored as
 float32 buffers (not saved in checkpoints: they follow from the config).
 """
 
@@ -235,14 +235,14 @@ class GaussianDiffusion(nn.Module):
         t_prev: int,
         eta: float,
         noise: Tensor | None,
-        clip_x0: bool = False,
+        clip_x0: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """Song et al. Eq. (12): x_{t'} = √ᾱ_{t'} x̂₀ + √(1 - ᾱ_{t'} - σ²) ε̂ + σ z, with
         σ = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_{t'}) (Eq. 16); t' = t_prev, and ᾱ at t' = -1 is 1.
 
         η = 0 is the deterministic DDIM; η = 1 over all T steps is Algorithm 2 with σ²_t = β̃_t
-        (with `clip_x0` set as the ancestral sampler's). x̂₀ is the raw prediction unless
-        `clip_x0`. Returns (x_{t'}, x̂₀)."""
+        (with `clip_x0` set as the ancestral sampler's). x̂₀ is clipped to [-1, 1] unless
+        `clip_x0` is False. Returns (x_{t'}, x̂₀)."""
         tt = torch.full((xt.size(0),), t, device=xt.device, dtype=torch.long)
         x0, eps = self.predict_x0_eps(output, xt, tt, clip=clip_x0)
         a_t = self.alphas_cumprod[t]
@@ -264,11 +264,11 @@ class GaussianDiffusion(nn.Module):
         device: torch.device | str = "cpu",
         on_step: Callable[[int, Tensor, Tensor], None] | None = None,
         progress: bool = False,
-        clip_x0: bool = False,
+        clip_x0: bool = True,
     ) -> Tensor:
         """DDIM sampling over `steps` evenly strided timesteps (Song et al. §4.2); deterministic
         given x_T when η = 0, and reproducible for a generator's seed for any η. `clip_x0` clips
-        x̂₀ to [-1, 1] at every step (diffusers' default; not in Song et al.)."""
+        x̂₀ to [-1, 1] at every step (diffusers' default; False: Song et al.'s raw prediction)."""
         taus = self.ddim_timesteps(steps)
         x = torch.randn(shape, generator=generator, device=device)
         for i in _progress(range(len(taus)), progress, f"ddim-{steps}"):
@@ -294,7 +294,7 @@ class GaussianDiffusion(nn.Module):
         device: torch.device | str = "cpu",
         on_step: Callable[[int, Tensor, Tensor], None] | None = None,
         progress: bool = False,
-        ddim_clip_x0: bool = False,
+        ddim_clip_x0: bool = True,
     ) -> Tensor:
         """Either sampler by name; `steps`, `eta` and `ddim_clip_x0` are for DDIM (ancestral always
         takes all T steps and clips as the config says)."""

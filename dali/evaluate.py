@@ -38,7 +38,7 @@ def measure_quality(
     dtype: torch.dtype = torch.float32,
     samples: torch.Tensor | None = None,
     progress: bool = True,
-    ddim_clip_x0: bool = False,
+    ddim_clip_x0: bool = True,
 ) -> QualityReport:
     """Generate `n` samples (unless given) and compare them with `data` in the feature space of
     a classifier trained on `data`."""

@@ -94,11 +94,11 @@ def generate(
     on_step: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = False,
     use_ema: bool = True,
-    ddim_clip_x0: bool = False,
+    ddim_clip_x0: bool = True,
 ) -> Tensor:
     """n images in [-1, 1] from the EMA network, reproducible for `seed` (batches draw from one
-    generator in order). `on_step` sees only the first batch. `ddim_clip_x0` clips x̂₀ inside
-    DDIM (off by default, as in Song et al.); either way the final images are clamped to the data
+    generator in order). `on_step` sees only the first batch. `ddim_clip_x0=False` lets DDIM
+    use the raw x̂₀ (Song et al.) instead of clipping it; either way the final images are clamped to the data
     range [-1, 1], as any image writer would."""
     device = torch.device(device)
     net = ddpm.ema if use_ema else ddpm.model
@@ -151,8 +151,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, sampler: str, steps: 
     )
     parser.add_argument(
         "--ddim-clip-x0",
-        action="store_true",
-        help="clip x̂₀ to [-1, 1] inside DDIM too, as diffusers' DDIMScheduler does by default "
-        "(Song et al. do not; the ancestral sampler clips as Ho et al., unless the model's "
-        "config says clip_x0 false)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clip x̂₀ to [-1, 1] at every DDIM step, as the ancestral sampler (Ho et al.) and "
+        "diffusers' DDIMScheduler do; --no-ddim-clip-x0 uses the raw prediction of Song et al.'s "
+        "Eq. 12, slightly better on a well-trained network, far worse on an undertrained one",
     )

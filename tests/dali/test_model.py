@@ -88,3 +88,16 @@ def test_generate_is_reproducible_for_a_seed_and_uses_the_ema():
             p.add_(0.5)
     assert torch.equal(generate(ddpm, 3, "ddim", 5, eta=1.0, seed=4), a)  # EMA unchanged
     assert not torch.equal(generate(ddpm, 3, "ddim", 5, eta=1.0, seed=4, use_ema=False), a)
+
+
+def test_generate_ddim_clipping_is_a_choice_and_images_stay_in_range():
+    torch.manual_seed(0)
+    ddpm = DDPM(TINY, DiffusionConfig(timesteps=20))
+    clipped = generate(ddpm, 3, "ddim", 5, seed=4)
+    raw = generate(ddpm, 3, "ddim", 5, seed=4, ddim_clip_x0=False)
+    unclamped = ddpm.diffusion.sample_ddim(
+        ddpm.ema, (3, 1, 8, 8), 5, 0.0, torch.Generator().manual_seed(4), clip_x0=False
+    )
+    assert not torch.equal(clipped, raw)
+    assert unclamped.abs().max() > 1  # an untrained network overshoots ...
+    torch.testing.assert_close(raw, unclamped.clamp(-1, 1))  # ... and images are clamped
