@@ -134,6 +134,9 @@ def test_dataclass_flags_take_docstrings_and_override_presets():
 
 
 JOIN_TWICE = """
+import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from transformer.runtime import setup_distributed
@@ -145,7 +148,7 @@ inner.close()
 assert outer.all_reduce_mean(torch.tensor([float(outer.rank)])).item() == 0.5
 outer.close()
 assert not dist.is_initialized()
-print("closed", outer.rank)
+Path(sys.argv[1], f"closed{outer.rank}").touch()  # a file per rank: stdout lines interleave
 """
 
 
@@ -154,7 +157,7 @@ def test_setup_distributed_twice_in_one_process_joins_once(tmp_path):
     script.write_text(JOIN_TWICE)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", "29541", str(script)]  # fmt: skip
+                "--master-port", "29541", str(script), str(tmp_path)]  # fmt: skip
     result = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "closed 0" in result.stdout and "closed 1" in result.stdout
+    assert (tmp_path / "closed0").is_file() and (tmp_path / "closed1").is_file()
