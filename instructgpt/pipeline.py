@@ -6,11 +6,14 @@
 2. SFT on the task's demonstrations (sentence openings and their real continuations);
 3. K responses per training prompt sampled from the SFT model, ranked by the gold labeler;
 4. the reward model trained on those rankings (held-out pairwise accuracy reported);
-5. PPO against the reward model, and DPO on the same rankings, for several β each;
+5. PPO against the reward model, and DPO on the same rankings, for several β each; with
+   --dpo-rounds R > 1, each DPO policy then goes through R - 1 more rounds of iterative
+   (on-policy) DPO: K fresh responses per training prompt from the previous round's policy,
+   ranked by the labeler, and DPO from that policy (its own reference) on them;
 6. every policy against SFT on held-out prompts under the gold labeler: win rate with its 95%
    interval, gold score and KL(π‖π_SFT); the reward-KL frontier and the over-optimisation plot.
 Stages that finished are skipped when the command is run again with the same --out.
-The gold labeler never enters training: it only ranks samples (step 3) and judges (step 6).
+The gold labeler never enters training: it only ranks samples (steps 3 and 5) and judges (6).
 
 Under torchrun (`torchrun --nproc-per-node N -m instructgpt.pipeline ...`) every process runs the
 training stages, each data-parallel; the work of one process (ranking samples, marking stages
@@ -49,7 +52,7 @@ from .common import (
     rank_slice,
     set_lr,
 )
-from .data import corpus_text, task_prompts, write_jsonl
+from .data import corpus_text, read_rankings, task_prompts, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import Judge, compare
 from .losses import token_logprobs
@@ -89,11 +92,14 @@ class PipelineConfig:
     ppo_betas: list[float] = field(default_factory=lambda: [0.005, 0.02, 0.1])
     """KL coefficients of the PPO runs"""
     dpo_steps: int = 300
-    """DPO steps per β"""
+    """DPO steps per β (and per round)"""
     dpo_lr: float = 1e-4
     """DPO learning rate"""
     dpo_betas: list[float] = field(default_factory=lambda: [0.03, 0.05, 0.1, 0.3])
     """β of the DPO runs"""
+    dpo_rounds: int = 2
+    """DPO rounds per β: round r > 1 ranks fresh samples of round r - 1's policy and continues
+    from it (iterative, on-policy DPO; the labeler labels K more responses per prompt each round)"""
     eval_samples: int = 4
     """responses per held-out prompt for the win rates"""
     max_new_tokens: int = 32
@@ -152,6 +158,18 @@ def _args(common, out: Path, **kw) -> SimpleNamespace:
     )
 
 
+def label_samples(policy_dir: Path, prompts: list[str], config: PipelineConfig, seed: int, device):
+    """K responses per prompt from the policy in `policy_dir`, ranked by the gold labeler."""
+    policy, tokenizer, _ = load_policy(policy_dir, device)
+    return make_task_rankings(
+        policy.eval(), tokenizer, prompts, config.k, config.context, seed, config.max_new_tokens
+    )
+
+
+def write_rankings(path: Path, rankings) -> None:
+    write_jsonl(path, [{"prompt": r.prompt, "responses": r.responses} for r in rankings])
+
+
 def _done(path: Path) -> bool:
     return (path / "DONE").is_file()
 
@@ -182,16 +200,10 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
     # Step 3: the labeler ranks K samples per prompt from the SFT policy (rank 0; the others wait).
     rankings_path, heldout_path = out / "rankings.jsonl", out / "rankings_heldout.jsonl"
     if dist.is_main and not rankings_path.is_file():
-        sft, tokenizer, _ = load_policy(sft_dir, device)
-        rankings = make_task_rankings(
-            sft, tokenizer, task_prompts("train"), config.k, config.context, common.seed,
-            config.max_new_tokens,
-        )  # fmt: skip
+        rankings = label_samples(sft_dir, task_prompts("train"), config, common.seed, device)
         train_rankings, heldout = split_heldout(rankings, 0.1, common.seed)
-        write_jsonl(heldout_path, [{"prompt": r.prompt, "responses": r.responses} for r in heldout])
-        write_jsonl(
-            rankings_path, [{"prompt": r.prompt, "responses": r.responses} for r in train_rankings]
-        )
+        write_rankings(heldout_path, heldout)
+        write_rankings(rankings_path, train_rankings)
     dist.barrier()
 
     rm_dir = out / "reward"
@@ -225,15 +237,27 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
             )
             _mark(d, dist)
         policies[d.name] = d
+    train_prompts = sorted({r.prompt for r in read_rankings(rankings_path)})
     for beta in config.dpo_betas:
-        d = out / f"dpo-beta{beta:g}"
-        if not _done(d):
-            _, summary = train_dpo(
-                _args(common, d, model=sft_dir, data=rankings_path, eval_data=heldout_path),
-                DPOConfig(steps=config.dpo_steps, beta=beta, lr=config.dpo_lr),
-            )
-            _mark(d, dist, summary)
-        policies[d.name] = d
+        previous, data = sft_dir, rankings_path
+        for round_ in range(1, config.dpo_rounds + 1):
+            d = out / (f"dpo-beta{beta:g}" + (f"-round{round_}" if round_ > 1 else ""))
+            if round_ > 1:  # iterative DPO: the labeler ranks the last round's own samples
+                data = out / f"{d.name}-rankings.jsonl"
+                if dist.is_main and not data.is_file():
+                    fresh = label_samples(
+                        previous, train_prompts, config, common.seed + round_, device
+                    )
+                    write_rankings(data, fresh)
+                dist.barrier()
+            if not _done(d):
+                _, summary = train_dpo(
+                    _args(common, d, model=previous, data=data, eval_data=heldout_path),
+                    DPOConfig(steps=config.dpo_steps, beta=beta, lr=config.dpo_lr),
+                )
+                _mark(d, dist, summary)
+            policies[d.name] = d
+            previous = d
 
     if dist.is_main:
         evaluate_policies(out, sft_dir, policies, config, common.seed, device, results)
@@ -303,6 +327,8 @@ def main(argv=None) -> int:
         from .data import InstructGPTError
 
         raise InstructGPTError("--out DIR is required: the directory for every stage's run")
+    if config.dpo_rounds < 1:
+        raise InstructGPTError(f"--dpo-rounds must be at least 1, got {config.dpo_rounds}")
     run_pipeline(args, config)
     return 0
 
@@ -310,7 +336,7 @@ def main(argv=None) -> int:
 TINY = replace(
     PipelineConfig(),
     vocab_size=300, dim=32, n_layers=1, n_heads=2, context=48, pretrain_steps=5, sft_steps=3,
-    k=4, rm_steps=3, ppo_iterations=1, max_new_tokens=12, ppo_betas=[0.05], dpo_steps=2, dpo_betas=[0.1], eval_samples=1,
+    k=4, rm_steps=3, ppo_iterations=1, max_new_tokens=12, ppo_betas=[0.05], dpo_steps=2, dpo_betas=[0.1], dpo_rounds=2, eval_samples=1,
 )  # fmt: skip
 
 

@@ -22,18 +22,24 @@ def plot_frontier(results: dict, path: Path) -> Path:
     evaluation = results["evaluation"]
     sft_scores = [r["score_b"] for r in evaluation.values()]
     ax.scatter([0.0], [sum(sft_scores) / len(sft_scores)], marker="*", s=120, c="k", label="SFT")
-    for method, marker, colour in (("ppo", "o", "tab:blue"), ("dpo", "s", "tab:orange")):
+    series = (
+        ("PPO", "o", "tab:blue", lambda name: name.startswith("ppo")),
+        ("DPO", "s", "tab:orange", lambda name: name.startswith("dpo") and "-round" not in name),
+        ("iterative DPO", "D", "tab:red", lambda name: "-round" in name),
+    )
+    for label, marker, colour, member in series:
         runs = sorted(
-            ((name, r) for name, r in evaluation.items() if name.startswith(method)),
+            ((name, r) for name, r in evaluation.items() if member(name)),
             key=lambda item: item[1]["kl_a_to_b"],
         )
         if not runs:
             continue
         xs = [r["kl_a_to_b"] for _, r in runs]
         ys = [r["score_a"] for _, r in runs]
-        ax.plot(xs, ys, marker=marker, c=colour, linestyle=":", label=method.upper())
+        ax.plot(xs, ys, marker=marker, c=colour, linestyle=":", label=label)
         for (name, _), x, y in zip(runs, xs, ys):
-            ax.annotate("β=" + name.split("beta")[1], (x, y), fontsize=7, xytext=(3, 3),
+            beta = name.split("beta")[1].split("-round")[0]
+            ax.annotate("β=" + beta, (x, y), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
     ax.set_xlabel("KL(π ‖ π_SFT), nats per response")
     ax.set_ylabel("gold reward (held-out prompts)")

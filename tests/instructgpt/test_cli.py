@@ -214,9 +214,21 @@ def test_tiny_pipeline_runs_every_stage(tmp_path):
     code = pipeline.main(["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1"}
+    assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"}
     for r in results["evaluation"].values():
         assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
+
+    # Round 2 of iterative DPO: fresh rankings of round 1's samples, on training prompts only,
+    # and DPO continuing from round 1's policy (also its reference).
+    def prompts(name):
+        return {json.loads(line)["prompt"] for line in (tmp_path / name).open()}
+
+    fresh = prompts("dpo-beta0.1-round2-rankings.jsonl")
+    assert fresh and fresh <= prompts("rankings.jsonl")
+    assert not fresh & prompts("rankings_heldout.jsonl")
+    round2 = json.loads((tmp_path / "dpo-beta0.1-round2" / "config.json").read_text())
+    reference = Path(round2["reference_model"]).resolve()
+    assert (tmp_path / "dpo-beta0.1").resolve() in reference.parents
 
 
 def test_tiny_pipeline_under_two_process_torchrun(tmp_path):
@@ -229,9 +241,9 @@ def test_tiny_pipeline_under_two_process_torchrun(tmp_path):
     two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     results = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1"}
+    assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"}
     assert 0 <= results["reward_model"]["heldout_accuracy"] <= 1
-    for stage in ("base", "sft", "reward", "ppo-beta0.05", "dpo-beta0.1"):
+    for stage in ("base", "sft", "reward", "ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"):
         assert (tmp_path / "two" / stage / "DONE").is_file()
     # pretraining split each step's windows over the two processes and averaged the gradients:
     # the losses of one process on the whole batch
