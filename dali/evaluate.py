@@ -22,7 +22,7 @@ from transformer.cli import add_common_arguments, run_command
 from transformer.runtime import select_device, select_dtype
 
 from .data import DaliError, ImageDataset, load_images
-from .pipeline import DDPM, add_sampler_arguments, generate, load_ddpm
+from .pipeline import DDPM, add_sampler_arguments, check_ddim_steps, generate, load_ddpm
 from .quality import QualityReport, evaluate_samples, train_classifier
 
 
@@ -99,10 +99,7 @@ def main(argv=None) -> int:
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
     ddpm, config = load_ddpm(args.checkpoint, device)
-    if args.sampler == "ddim" and not 1 <= args.steps <= ddpm.diffusion.timesteps:
-        raise DaliError(
-            f"--steps must be between 1 and T = {ddpm.diffusion.timesteps}, got {args.steps}"
-        )
+    check_ddim_steps(ddpm.diffusion, args.sampler, args.steps)  # before the classifier trains
     c = ddpm.unet_config
     data = load_images(args.data or config.get("data", "digits"), c.image_size, c.in_channels)
     started = time.perf_counter()

@@ -81,6 +81,12 @@ def load_ddpm(path: Path, device: torch.device | str = "cpu") -> tuple[DDPM, dic
     return ddpm.to(device).eval(), config
 
 
+def check_ddim_steps(diffusion: GaussianDiffusion, sampler: str, steps: int | None) -> None:
+    """DDIM takes 1..T steps; say so in the commands' terms (--steps) before any work starts."""
+    if sampler == "ddim" and steps is not None and not 1 <= steps <= diffusion.timesteps:
+        raise DaliError(f"--steps must be between 1 and T = {diffusion.timesteps}, got {steps}")
+
+
 def generate(
     ddpm: DDPM,
     n: int,
@@ -105,8 +111,7 @@ def generate(
     net.eval()
     c = ddpm.unet_config
     diffusion = ddpm.diffusion.to(device)
-    if sampler == "ddim" and steps is not None and not 1 <= steps <= diffusion.timesteps:
-        raise DaliError(f"--steps must be between 1 and T = {diffusion.timesteps}, got {steps}")
+    check_ddim_steps(diffusion, sampler, steps)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def model(x, t):
