@@ -185,7 +185,7 @@ def bench_dpo_trl(policy_dir, pairs_path, heldout_path, steps, batch, lr, beta, 
 def fresh_policy(directory: Path) -> Path:
     """A randomly initialised model of the pipeline's shape, saved where load_policy finds it."""
     from instructgpt.common import model_config
-    from transformer.checkpoint import save_checkpoint
+    from transformer.training import save_checkpoint
 
     tokenizer = TaskTokenizer.train(corpus_text(), 1024)
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer.cli import UserError
+from transformer.training import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

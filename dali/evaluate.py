@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from transformer.cli import add_common_arguments, run_command
-from transformer.runtime import select_device, select_dtype
+from transformer.training import add_common_arguments, run_command, select_device, select_dtype
 
 from .data import DaliError, ImageDataset, load_images
 from .pipeline import DDPM, add_sampler_arguments, check_ddim_steps, generate, load_ddpm

@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from transformer.checkpoint import check_config, load_weights
-from transformer.run import find_checkpoint
-from transformer.runtime import autocast
+from transformer.training import autocast, check_checkpoint, find_checkpoint, load_weights
 
 from .data import DaliError
 from .diffusion import DiffusionConfig, GaussianDiffusion
@@ -71,7 +69,7 @@ def config_from_dict(model: dict) -> tuple[UNetConfig, DiffusionConfig]:
 def load_ddpm(path: Path, device: torch.device | str = "cpu") -> tuple[DDPM, dict]:
     """A checkpoint directory (or a run directory: its latest checkpoint) -> (DDPM, config)."""
     checkpoint = find_checkpoint(Path(path))
-    config = check_config(checkpoint, "dali")
+    config = check_checkpoint(checkpoint, "dali")
     try:
         unet_config, diffusion_config = config_from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as exc:

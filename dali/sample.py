@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transformer.cli import add_common_arguments, run_command
-from transformer.runtime import select_device, select_dtype
+from transformer.training import add_common_arguments, run_command, select_device, select_dtype
 
 from .data import DaliError, save_grid, to_uint8
 from .pipeline import add_sampler_arguments, generate, load_ddpm

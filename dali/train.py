@@ -22,14 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from transformer.cli import (
+from transformer.training import (
+    TrainingRun,
     add_common_arguments,
     add_dataclass_arguments,
+    autocast,
     dataclass_from_args,
     run_command,
+    seed_everything,
+    select_dtype,
+    setup_distributed,
 )
-from transformer.run import TrainingRun
-from transformer.runtime import autocast, seed_everything, select_dtype, setup_distributed
 
 from .data import DaliError, load_images, save_grid
 from .diffusion import DiffusionConfig
@@ -198,6 +201,7 @@ def main(argv=None) -> int:
         dist=dist,
         device=device,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpoint_every=train_config.checkpoint_every,
         extra_config={"data": args.data, "seed": args.seed},
         log_every=train_config.log_every,
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
             group["lr"] = lr
         with autocast(device, dtype):
             loss = diffusion.training_loss(net, x0)
-        run.check_finite(loss.detach(), step)
+        run.check_finite(step, loss=loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train_config.grad_clip > 0:

@@ -18,10 +18,18 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from transformer.checkpoint import load_weights, read_config
-from transformer.cli import add_common_arguments, add_dataclass_arguments
-from transformer.run import TrainingRun, find_checkpoint
-from transformer.runtime import Distributed, seed_everything, select_dtype, setup_distributed
+from transformer.training import (
+    Distributed,
+    TrainingRun,
+    add_common_arguments,
+    add_dataclass_arguments,
+    find_checkpoint,
+    load_weights,
+    read_config,
+    seed_everything,
+    select_dtype,
+    setup_distributed,
+)
 from xllama import Llama, LlamaConfig
 
 from .data import InstructGPTError
@@ -216,6 +224,7 @@ def start_run(
         dist=dist,
         device=device,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpoint_every=getattr(args, "checkpoint_every", 0),
         extra_config=extra_config,
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from transformer.cli import UserError
+from transformer.training import UserError
 
 
 class InstructGPTError(UserError):

@@ -23,9 +23,7 @@ from typing import Literal
 
 import torch
 
-from transformer.cli import dataclass_from_args, run_command
-from transformer.run import TrainingRun
-from transformer.runtime import autocast
+from transformer.training import TrainingRun, autocast, dataclass_from_args, run_command
 
 from .common import (
     EpochSampler,
@@ -169,7 +167,7 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
         out = dpo_loss(
             chosen, rejected, rc, rr, config.beta, config.label_smoothing, config.loss_type
         )
-        run.check_finite(out.loss.detach(), step)
+        run.check_finite(step, loss=out.loss.detach())
         optimizer_step(optimizer, out.loss, policy)
         run.log(
             step,

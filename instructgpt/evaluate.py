@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from transformer.cli import add_common_arguments, run_command
-from transformer.runtime import seed_everything, select_device
+from transformer.training import add_common_arguments, run_command, seed_everything, select_device
 
 from .common import check_same_tokenizer, load_policy, load_reward_model
 from .data import GoldLabeler, collate, encode_pair, read_prompts, task_prompts

@@ -31,14 +31,18 @@ from types import SimpleNamespace
 
 import torch
 
-from transformer.cli import (
+from transformer.training import (
+    Distributed,
+    TrainingRun,
     add_common_arguments,
     add_dataclass_arguments,
+    claim_run_directory,
     dataclass_from_args,
+    lock_run_directory,
     run_command,
+    seed_everything,
+    setup_distributed,
 )
-from transformer.run import TrainingRun
-from transformer.runtime import Distributed, seed_everything, setup_distributed
 from xllama import Llama, LlamaConfig
 
 from .common import (
@@ -115,8 +119,8 @@ def pretrain(
     windows (DDP averages the gradients), so the steps are those of one process."""
     dist = dist or Distributed()
     text = corpus_text()
+    claim_run_directory(out, overwrite=True, dist=dist)  # an unfinished pretraining starts over
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         TaskTokenizer.train(text, config.vocab_size).save(out)
     dist.barrier()
     tokenizer = TaskTokenizer.load(out / TOKENIZER_FILE)
@@ -133,7 +137,7 @@ def pretrain(
     run = TrainingRun(
         out, package="instructgpt", model_config=model_config("policy", llama),
         train_config={"stage": "pretrain", **asdict(config)}, model=model, optimizer=optimizer,
-        dist=dist, device=device,
+        dist=dist, device=device, overwrite=True,
     )  # fmt: skip
     model_ddp = ddp(model, dist)
     for step in run.steps(config.pretrain_steps, desc="pretrain"):
@@ -144,7 +148,7 @@ def pretrain(
         set_lr(optimizer, cosine_lr(step, config.pretrain_steps, config.pretrain_lr, 50))
         loss = -token_logprobs(model_ddp(x)[:, :-1], x[:, 1:]).mean()
         mean_loss = dist.all_reduce_mean(loss.detach())
-        run.check_finite(mean_loss, step)
+        run.check_finite(step, loss=mean_loss)
         optimizer_step(optimizer, loss, model)
         run.log(step, loss=mean_loss.item())
         run.end_of_step(step)
@@ -153,9 +157,13 @@ def pretrain(
 
 
 def _args(common, out: Path, **kw) -> SimpleNamespace:
+    """A stage's arguments. A stage that was interrupted before it finished resumes from its last
+    checkpoint; one that never wrote a checkpoint starts over."""
+    resume = out if (out / "checkpoints" / "latest").is_file() else None
     return SimpleNamespace(
-        device=common.device, dtype=common.dtype, seed=common.seed, out=out, resume=None, **kw
-    )
+        device=common.device, dtype=common.dtype, seed=common.seed, out=out, resume=resume,
+        overwrite=resume is None, **kw,
+    )  # fmt: skip
 
 
 def label_samples(policy_dir: Path, prompts: list[str], config: PipelineConfig, seed: int, device):
@@ -184,7 +192,9 @@ def _mark(path: Path, dist: Distributed, info: dict | None = None) -> None:
 def run_pipeline(common, config: PipelineConfig) -> dict:
     dist, device = setup_distributed(common.device)
     out = Path(common.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        lock_run_directory(out)  # one pipeline per directory; its finished stages are reused
+    dist.barrier()
     results: dict = {"config": asdict(config)}
 
     base = Path(common.base) if common.base else out / "base"

@@ -26,10 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from transformer.checkpoint import save_checkpoint
-from transformer.cli import dataclass_from_args, run_command
-from transformer.run import TrainingRun
-from transformer.runtime import Distributed
+from transformer.training import (
+    Distributed,
+    TrainingRun,
+    dataclass_from_args,
+    run_command,
+    save_checkpoint,
+)
 
 from .common import (
     EpochSampler,

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-from transformer.cli import dataclass_from_args, run_command
-from transformer.run import TrainingRun
-from transformer.runtime import autocast
+from transformer.training import TrainingRun, autocast, dataclass_from_args, run_command
 
 from .common import (
     EpochSampler,
@@ -204,7 +202,7 @@ def train_reward(
         with autocast(device, dtype):
             scores, valid = score_rankings(wrapped, tokenizer, chunk, max_len, device)
         loss = ranking_loss(scores, valid)
-        run.check_finite(loss.detach(), step)
+        run.check_finite(step, loss=loss.detach())
         optimizer_step(optimizer, loss, model)
         accuracy = ranking_accuracy(scores.detach(), valid)
         run.log(

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from transformer.cli import dataclass_from_args, run_command
-from transformer.run import TrainingRun
-from transformer.runtime import autocast
+from transformer.training import TrainingRun, autocast, dataclass_from_args, run_command
 
 from .common import (
     EpochSampler,
@@ -102,7 +100,7 @@ def train_sft(
         with autocast(device, dtype):
             logits = model(batch.tokens, attention_mask=batch.attention_mask)
         loss = sft_loss(logits, batch.tokens, batch.response_mask)
-        run.check_finite(loss.detach(), step)
+        run.check_finite(step, loss=loss.detach())
         optimizer_step(optimizer, loss, policy)
         run.log(step, loss=dist.all_reduce_mean(loss.detach()).item(), epoch=sampler.epoch)
         run.end_of_step(step, sampler.state())

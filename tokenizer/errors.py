@@ -1,9 +1,9 @@
-"""The exceptions the tokenizer package raises for user mistakes, and how every command reports them.
+"""The exceptions the tokenizer package raises for user mistakes, and how its commands report them.
 
 Every one is a `TokenizerError`, itself a `ValueError`, so callers can catch the whole family at
-once. `UserError` is the base of every package's own exceptions (this package is the bottom of the
-dependency graph, so it lives here), and `run_command` turns them into one line on stderr and exit
-status 2 in every command of every package.
+once. The package is the torch-free bottom of the dependency graph, so it has its own small
+`run_command`; the training platform above it (`transformer.training.errors`) treats these errors
+as user errors too.
 """
 
 from __future__ import annotations
@@ -12,27 +12,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for (bad flag, bad file, incompatible checkpoint).
-
-    Every package's own exceptions derive from this; commands print it as one line and exit 2.
-    """
-
-
 def run_command(
     main: Callable[[Sequence[str] | None], int | None], argv=None, prog: str = "command"
 ) -> int:
-    """Run a command's `main`, mapping user errors to one stderr line + exit 2, Ctrl-C to 130.
-
-    Use as `sys.exit(run_command(main, argv, "package.command"))`.
-    """
+    """Run a tokenizer command's `main`: a `TokenizerError` or an unreadable file becomes one line
+    on stderr and exit status 2, Ctrl-C one line and 130."""
     try:
         return main(argv) or 0
     except KeyboardInterrupt as exc:
-        message = str(exc) or "interrupted"
-        print(f"{prog}: {message}", file=sys.stderr)
+        print(f"{prog}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
-    except UserError as exc:
+    except TokenizerError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -41,7 +31,7 @@ def run_command(
         return 2
 
 
-class TokenizerError(UserError, ValueError):
+class TokenizerError(ValueError):
     """Base class of every error the tokenizer package raises for bad input."""
 
 

@@ -1,5 +1,6 @@
-"""Attention Is All You Need (Vaswani et al. 2017): the shared attention core, the
-encoder-decoder Transformer, and the training infrastructure every package's trainer uses."""
+"""Attention Is All You Need (Vaswani et al. 2017): the shared attention core and the
+encoder-decoder Transformer. The training platform every package's trainer uses (checkpoints, run
+directories, distributed set-up, config-to-CLI, errors) is its own subpackage, `transformer.training`."""
 
 from .attention import (
     KVCache,
@@ -11,8 +12,6 @@ from .attention import (
     padding_mask,
     scaled_dot_product_attention,
 )
-from .checkpoint import CheckpointError
-from .cli import UserError
 from .model import (
     PRESETS,
     Transformer,
@@ -24,19 +23,14 @@ from .model import (
     length_penalty,
     sinusoidal_positions,
 )
-from .run import NonFiniteLoss, TrainingRun
 
 __all__ = [
     "PRESETS",
-    "CheckpointError",
     "KVCache",
     "MultiHeadAttention",
-    "NonFiniteLoss",
     "StaticKVCache",
     "Transformer",
     "TransformerConfig",
-    "TrainingRun",
-    "UserError",
     "beam_search",
     "greedy_decode",
     "label_smoothed_loss",

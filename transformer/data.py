@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError
+from .training import UserError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]

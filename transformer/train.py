@@ -35,13 +35,6 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .cli import (
-    UserError,
-    add_common_arguments,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    run_command,
-)
 from .data import (
     PAD_ID,
     BPEVocabulary,
@@ -56,8 +49,20 @@ from .data import (
     token_batches,
 )
 from .model import PRESETS, Transformer, TransformerConfig, label_smoothed_loss, learning_rate
-from .run import TrainingRun, find_checkpoint
-from .runtime import autocast, select_dtype, setup_distributed
+from .training import (
+    TrainingRun,
+    UserError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    autocast,
+    checkpoint_step,
+    claim_run_directory,
+    dataclass_from_args,
+    find_checkpoint,
+    run_command,
+    select_dtype,
+    setup_distributed,
+)
 from .translate import corpus_bleu, translate_sentences
 
 PACKAGE = "transformer"
@@ -244,6 +249,7 @@ def main(argv=None) -> int:
     dist, device = setup_distributed(args.device)
     dtype = select_dtype(args.dtype, device)
     train_src, train_tgt, valid_src, valid_tgt = load_data(args, config)
+    claim_run_directory(args.out, args.resume, args.overwrite, dist)  # before the vocabulary
     vocab = build_vocabulary(args, config, train_src + train_tgt, dist, args.out)
     train = encode_pairs(vocab, train_src, train_tgt, config.max_sentence_tokens)
     valid = encode_pairs(vocab, valid_src, valid_tgt)
@@ -267,6 +273,7 @@ def main(argv=None) -> int:
         dist=dist,
         device=device,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpoint_every=config.checkpoint_every,
         keep_last=config.keep_checkpoints,
         extra_config={"preset": preset, "seed": args.seed, "vocabulary": vocab.kind},
@@ -328,7 +335,7 @@ def main(argv=None) -> int:
         step_loss = loss_sum / step_tokens
         if dist.enabled:
             step_loss = dist.all_reduce_mean(step_loss) * dist.world_size
-        run.check_finite(step_loss, step)
+        run.check_finite(step, loss=step_loss)
         lr = learning_rate(step + 1, model_config.d_model, config.warmup_steps, config.lr_scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -362,7 +369,7 @@ def main(argv=None) -> int:
                 done_steps = step + 1
                 break
         run.end_of_step(step, state)
-    if run.last_checkpoint is None or run.last_checkpoint.name != f"step_{done_steps:07d}":
+    if run.last_checkpoint is None or checkpoint_step(run.last_checkpoint) != done_steps:
         run.save(done_steps, state)
 
     if dist.is_main:

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_config, load_weights
-from .cli import add_common_arguments, run_command
 from .data import (
     BOS_ID,
     EOS_ID,
@@ -32,8 +30,19 @@ from .data import (
     source_tensor,
 )
 from .model import Transformer, TransformerConfig, beam_search, greedy_decode
-from .run import find_checkpoint
-from .runtime import autocast, select_device, select_dtype
+from .training import (
+    CheckpointError,
+    add_common_arguments,
+    autocast,
+    check_checkpoint,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    load_weights,
+    run_command,
+    select_device,
+    select_dtype,
+)
 
 PACKAGE = "transformer"
 
@@ -41,10 +50,6 @@ PACKAGE = "transformer"
 def _run_directory(checkpoint: Path) -> Path:
     """The run directory a checkpoint belongs to (run/checkpoints/step_N -> run)."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-
-
-def run_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((Path(run_dir) / "checkpoints").glob("step_*"))
 
 
 @torch.no_grad()
@@ -63,7 +68,7 @@ def load_model(path: Path, average: int = 1) -> tuple[Transformer, object, dict]
     """A trained model (optionally the average of the run's last `average` checkpoints), its
     vocabulary and the run's config."""
     checkpoint = find_checkpoint(Path(path))
-    config = check_config(checkpoint, PACKAGE)
+    config = check_checkpoint(checkpoint, PACKAGE)
     try:
         model_config = TransformerConfig(**config["model"])
     except TypeError as exc:
@@ -71,14 +76,15 @@ def load_model(path: Path, average: int = 1) -> tuple[Transformer, object, dict]
     model = Transformer(model_config)
     run_dir = _run_directory(checkpoint)
     if average > 1:
-        available = [c for c in run_checkpoints(run_dir) if c.name <= checkpoint.name]
+        step = checkpoint_step(checkpoint)
+        available = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) <= step]
         if len(available) < average:
             raise CheckpointError(
                 f"--average {average} needs {average} checkpoints, {run_dir} has {len(available)}"
             )
         state_dicts = []
         for c in available[-average:]:
-            check_config(c, PACKAGE, config["model"])
+            check_checkpoint(c, PACKAGE, config["model"])
             load_weights(c, model)
             state_dicts.append({k: v.clone() for k, v in model.state_dict().items()})
         model.load_state_dict(average_state_dicts(state_dicts))

@@ -1,5 +1,5 @@
 """Real checkpoints in and out: Meta's Llama 2 (`params.json` + `consolidated.*.pth`), Hugging Face
-Llama (`config.json` + `*.safetensors`), and our own (`transformer.checkpoint` directories).
+Llama (`config.json` + `*.safetensors`), and our own (`transformer.training.checkpoint` directories).
 
 Nothing here unpickles code: `.pth` shards are read with `torch.load(weights_only=True)`, everything
 else is safetensors or JSON. Names are mapped explicitly; a checkpoint that does not fit the model
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from transformer.checkpoint import CheckpointError, check_config, load_weights
+from transformer.training import CheckpointError, check_checkpoint, load_weights
 
 from .model import Llama, LlamaConfig, XLlamaError
 
@@ -391,7 +391,7 @@ def load_meta(
 
 def load_ours(directory: Path, dtype: torch.dtype | None = None) -> tuple[Llama, dict]:
     """A checkpoint written by `xllama.train` -> (model, its full config dict)."""
-    found = check_config(directory, PACKAGE)
+    found = check_checkpoint(directory, PACKAGE)
     config = LlamaConfig.from_dict(found["model"])
     model = Llama(config)
     load_weights(directory, model)
@@ -422,7 +422,7 @@ def checkpoint_kind(directory: Path) -> str:
 
 def load_model(directory: Path, dtype: torch.dtype | None = torch.float32) -> Llama:
     """Any of the three checkpoint kinds -> our model."""
-    from transformer.run import find_checkpoint
+    from transformer.training import find_checkpoint
 
     kind = checkpoint_kind(directory)
     if kind == "meta":

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import torch
 
-from transformer.cli import add_common_arguments, run_command
-from transformer.run import find_checkpoint
-from transformer.runtime import select_device, select_dtype
+from transformer.training import (
+    add_common_arguments,
+    find_checkpoint,
+    run_command,
+    select_device,
+    select_dtype,
+)
 
 from .convert import checkpoint_kind, load_model, load_ours
 from .model import XLlamaError

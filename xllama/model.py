@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import KVCache, MultiHeadAttention
-from transformer.cli import UserError
+from transformer.training import UserError
 
 
 class XLlamaError(UserError):

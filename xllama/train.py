@@ -28,14 +28,20 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from transformer.cli import (
+from transformer.training import (
+    TrainingRun,
     add_common_arguments,
     add_dataclass_arguments,
+    autocast,
+    checkpoint_step,
+    claim_run_directory,
     dataclass_from_args,
+    find_checkpoint,
     run_command,
+    seed_everything,
+    select_dtype,
+    setup_distributed,
 )
-from transformer.run import TrainingRun, find_checkpoint
-from transformer.runtime import autocast, seed_everything, select_dtype, setup_distributed
 
 from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
 from .model import CONFIGS, Llama, LlamaConfig, XLlamaError, flops_per_token, get_config, loss_fn
@@ -251,6 +257,9 @@ def main(argv=None) -> int:
     dtype = select_dtype(args.dtype, device)
     if args.resume is not None:
         args.resume = find_checkpoint(args.resume)
+    claim_run_directory(
+        args.out, args.resume, args.overwrite, dist
+    )  # before the tokenizer is saved
     per_rank, rem = divmod(train_cfg.batch_size, train_cfg.grad_accum * dist.world_size)
     if rem or per_rank == 0:
         raise XLlamaError(
@@ -279,6 +288,7 @@ def main(argv=None) -> int:
         dist=dist,
         device=device,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpoint_every=train_cfg.checkpoint_every,
         extra_config={
             "tokenizer": tokenizer.spec() if tokenizer is not None else None,
@@ -355,7 +365,7 @@ def main(argv=None) -> int:
                     loss = loss_fn(train_model(x[rows]), y[rows]) / train_cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        run.check_finite(loss_sum, step)
+        run.check_finite(step, loss=loss_sum)
         if train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
@@ -382,7 +392,9 @@ def main(argv=None) -> int:
     val_loss = evaluate()
     total_time = elapsed_before + time.perf_counter() - start
     state = {"generator": data_gen.get_state(), "elapsed": total_time}
-    path = run.save(last_step, state)
+    path = run.last_checkpoint
+    if path is None or checkpoint_step(path) != last_step:  # not saved at this step already
+        path = run.save(last_step, state)
     per_char = ""
     if chars_per_token is not None:
         per_char = f" = {val_loss / chars_per_token:.4f} per character"

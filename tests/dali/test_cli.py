@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dali import evaluate, sample, train
 from dali.diffusion import GaussianDiffusion
-from transformer.cli import run_command
+from transformer.training import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(tmp_path, capsys, m
     monkeypatch.setattr(GaussianDiffusion, "training_loss", loss_that_explodes)
     assert _train(tmp_path, "--steps", "6") == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
-    assert "non-finite loss" in line and "step 3" in line and "step_0000002" in line
+    assert "non-finite loss" in line and "step 4" in line and "step_0000002" in line
 
 
 def test_two_process_torchrun_gloo(tmp_path):

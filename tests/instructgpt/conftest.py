@@ -7,7 +7,7 @@ import torch
 
 from instructgpt.common import TaskTokenizer, model_config
 from instructgpt.data import corpus_text
-from transformer.checkpoint import save_checkpoint
+from transformer.training import save_checkpoint
 from xllama import Llama, LlamaConfig
 
 TINY = dict(dim=32, n_layers=1, n_heads=2, multiple_of=16, max_seq_len=64)

@@ -11,7 +11,7 @@ import torch
 
 from instructgpt import dpo, evaluate, pipeline, ppo, reward, sft
 from tests.instructgpt.conftest import write_jsonl
-from transformer.cli import run_command
+from transformer.training import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = {

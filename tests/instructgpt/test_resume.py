@@ -11,9 +11,7 @@ from safetensors.torch import load_file
 
 from instructgpt import dpo, ppo, reward
 from tests.instructgpt.conftest import write_jsonl
-from transformer.checkpoint import load_train_state
-from transformer.cli import run_command
-from transformer.run import TrainingRun, find_checkpoint
+from transformer.training import TrainingRun, find_checkpoint, load_train_state, run_command
 
 RANKS = [
     {"prompt": f"The value {i} is", "responses": [" a new object.", " an object.", " not valid."]}
@@ -69,7 +67,7 @@ def _assert_same_run(straight, split, steps):
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     state_a, state_b = load_train_state(a), load_train_state(b)
-    assert state_a.keys() == state_b.keys() == {"step", "rng", "data", "optimizer"}
+    assert state_a.keys() == state_b.keys() == {"step", "rng", "data", "optimizer", "metrics_lines"}
     for key in state_a:
         assert _same(state_a[key], state_b[key]), key
     return rows, weights_a, state_a

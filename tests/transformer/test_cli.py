@@ -122,7 +122,7 @@ def test_checkpoint_averaging_is_the_elementwise_mean():
 
 
 def _error_line(main, argv, capsys):
-    from transformer.cli import run_command
+    from transformer.training import run_command
 
     code = run_command(main, argv, prog="transformer")
     err = capsys.readouterr().err.strip().splitlines()

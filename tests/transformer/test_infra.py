@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer import checkpoint as ckpt
-from transformer.checkpoint import CheckpointError, check_config, load_weights, save_checkpoint
-from transformer.cli import add_dataclass_arguments, dataclass_from_args
+from transformer.training import (
+    CheckpointError,
+    add_dataclass_arguments,
+    check_checkpoint,
+    dataclass_from_args,
+    load_weights,
+    save_checkpoint,
+)
+from transformer.training import checkpoint as ckpt
 
 TOY = Path(__file__).with_name("toy_train.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +70,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     result = _run(["--out", tmp_path, "--steps", 10, "--nan-at", 7])
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert "step 7" in line and "step_0000006" in line
+    assert "step 8" in line and "step_0000006" in line  # the 8th step (index 7)
 
 
 def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
@@ -93,13 +99,13 @@ def test_checkpoint_from_other_config_or_package_is_refused(tmp_path):
         tmp_path / "c", torch.nn.Linear(2, 2), {"package": "toy", "model": {"d": 2, "h": 1}}
     )
     with pytest.raises(CheckpointError, match=r"differs in: d \(checkpoint 2, expected 4\); h"):
-        check_config(tmp_path / "c", "toy", {"d": 4, "h": 2})
+        check_checkpoint(tmp_path / "c", "toy", {"d": 4, "h": 2})
     with pytest.raises(CheckpointError, match="checkpoint of 'toy', not of 'xllama'"):
-        check_config(tmp_path / "c", "xllama")
+        check_checkpoint(tmp_path / "c", "xllama")
     with pytest.raises(CheckpointError, match="missing"):
         load_weights(tmp_path / "c", torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(CheckpointError, match="not found"):
-        check_config(tmp_path / "nope", "toy")
+        check_checkpoint(tmp_path / "nope", "toy")
 
 
 def test_resume_with_other_model_config_names_the_field(tmp_path):
@@ -139,7 +145,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformer.runtime import setup_distributed
+from transformer.training import setup_distributed
 
 outer, _ = setup_distributed("cpu")  # e.g. a pipeline
 inner, _ = setup_distributed("cpu")  # a command it runs, which joins and closes as if alone

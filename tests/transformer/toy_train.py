@@ -7,9 +7,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from transformer.cli import add_common_arguments, run_command
-from transformer.run import TrainingRun
-from transformer.runtime import seed_everything, setup_distributed
+from transformer.training import (
+    TrainingRun,
+    add_common_arguments,
+    run_command,
+    seed_everything,
+    setup_distributed,
+)
 
 GLOBAL_BATCH = 8
 
@@ -43,6 +47,7 @@ def main(argv=None):
         dist=dist,
         device=device,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpoint_every=args.checkpoint_every,
     )
     if args.resume is None:
@@ -59,7 +64,7 @@ def main(argv=None):
         loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
         if step == args.nan_at:
             loss = loss * float("nan")
-        run.check_finite(loss, step)
+        run.check_finite(step, loss=loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from transformer.checkpoint import CheckpointError
+from transformer.training import CheckpointError
 from xllama.convert import export_hf, load_hf, load_meta, load_model
 from xllama.sampling import generate
 

@@ -4,7 +4,7 @@
   only tensors and plain Python values and is read with `torch.load(weights_only=True)`: loading a
   checkpoint never runs code.
 - Writes go to a temporary sibling directory that is renamed into place, so a crash mid-write
-  leaves the previous checkpoint intact and no half-written one.
+  leaves the previous checkpoint intact and no half-written one under a checkpoint's name.
 - Loading compares the stored config with the one asked for and names every field that differs.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from .cli import UserError
+from .errors import UserError, one_line
 
 CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "train_state.pt"
 
@@ -95,20 +96,23 @@ def save_checkpoint(
 
     `config` is JSON-serialisable and should name the package and model (`{"package": ...,
     "model": {...}, ...}`); `train_state` holds the optimizer state dict, the step, RNG states and
-    the data position.
+    the data position. Everything is written into a temporary sibling (`.NAME.tmp-*`) that is
+    renamed into place; an existing `directory` is moved aside first and removed after. A run's
+    step checkpoints always get a fresh name (see `TrainingRun.save`), so nothing names a
+    checkpoint while it is being replaced.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary folder
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_model(unwrap(model), str(tmp / WEIGHTS_FILE))
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -117,6 +121,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(directory: Path) -> dict:
@@ -147,7 +157,7 @@ def config_differences(expected: dict, found: dict, prefix: str = "") -> list[st
     return out
 
 
-def check_config(directory: Path, package: str, expected_model: dict | None = None) -> dict:
+def check_checkpoint(directory: Path, package: str, expected_model: dict | None = None) -> dict:
     """Read a checkpoint's config and refuse one from another package or another model config."""
     config = read_config(directory)
     if config.get("package") != package:
@@ -183,10 +193,16 @@ def load_weights(directory: Path, model: torch.nn.Module) -> None:
 
 
 def load_train_state(directory: Path) -> dict:
+    """The training state of a checkpoint, read with `weights_only=True` (never runs code)."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} holds weights only, no training state to resume from")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"refused to read {path}: it holds Python objects beyond tensors and plain values, "
+            "which could run code (this project never writes such a file)"
+        ) from None
     except Exception as exc:
-        raise CheckpointError(f"cannot read training state {path}: {exc}") from None
+        raise CheckpointError(f"cannot read training state {path}: {one_line(exc)}") from None

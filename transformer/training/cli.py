@@ -3,8 +3,6 @@
 - Config dataclasses become flags: each field is `--field-name`, its help is the field's attribute
   docstring (the string literal written under it), and its default is shown. Flags left out keep
   the value of the named preset (`--config small`) or the dataclass default.
-- `run_command(main)` turns the library's own exceptions into one line on stderr and exit status 2,
-  and Ctrl-C into exit status 130, so a user never sees a traceback for a mistake of theirs.
 """
 
 from __future__ import annotations
@@ -17,9 +15,6 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-
-# The bottom package owns the error base class and the command wrapper; re-exported here.
-from tokenizer.errors import UserError, run_command  # noqa: F401
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -106,7 +101,7 @@ def dataclass_from_args(cls, args: argparse.Namespace, base=None):
 
 def add_common_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
     """The flags every command takes: --device, --dtype, --seed, --out (and for trainers --resume,
-    --compile)."""
+    --overwrite, --compile)."""
     group = parser.add_argument_group("common")
     group.add_argument(
         "--device",
@@ -129,6 +124,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, training: bool = True)
             type=Path,
             default=None,
             help="continue exactly from a checkpoint directory (or a run directory: its latest)",
+        )
+        group.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the run already in --out (its checkpoints and logs are deleted); "
+            "without it a used --out is refused unless --resume continues it",
         )
         group.add_argument(
             "--compile", action="store_true", help="compile the model with torch.compile"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import UserError
+from .errors import UserError
 
 
 def select_device(name: str = "auto") -> torch.device:

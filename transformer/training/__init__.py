@@ -1,0 +1,71 @@
+"""The training platform every trainer of every package uses; not paper content.
+
+- `errors`: `UserError` and `run_command` (one stderr line and exit 2 for a user's mistake).
+- `config`: configs that check themselves (`check_config` in `__post_init__`).
+- `cli`: config dataclasses as flags, and the flags every command takes.
+- `runtime`: device, precision, seeding, `torchrun` process groups.
+- `checkpoint`: atomic checkpoint directories read without running code.
+- `run`: a run directory (lock, `metrics.jsonl`, checkpoints, resume, Ctrl-C, non-finite values).
+
+Small and boring on purpose: no framework, each trainer writes its own loop.
+"""
+
+from .checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    load_train_state,
+    load_weights,
+    read_config,
+    save_checkpoint,
+)
+from .cli import add_common_arguments, add_dataclass_arguments, dataclass_from_args
+from .config import ConfigError, check_config
+from .errors import UserError, run_command
+from .run import (
+    NonFiniteError,
+    RunDirectoryError,
+    TrainingRun,
+    checkpoint_step,
+    claim_run_directory,
+    find_checkpoint,
+    list_checkpoints,
+    lock_run_directory,
+)
+from .runtime import (
+    Distributed,
+    autocast,
+    seed_everything,
+    select_device,
+    select_dtype,
+    setup_distributed,
+)
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Distributed",
+    "NonFiniteError",
+    "RunDirectoryError",
+    "TrainingRun",
+    "UserError",
+    "add_common_arguments",
+    "add_dataclass_arguments",
+    "autocast",
+    "check_config",
+    "checkpoint_step",
+    "claim_run_directory",
+    "check_checkpoint",
+    "dataclass_from_args",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_train_state",
+    "load_weights",
+    "lock_run_directory",
+    "read_config",
+    "run_command",
+    "save_checkpoint",
+    "seed_everything",
+    "select_device",
+    "select_dtype",
+    "setup_distributed",
+]
