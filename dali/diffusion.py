@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from transformer.training import ConfigError, check_config
+
 
 @dataclass
 class DiffusionConfig:
@@ -46,6 +48,14 @@ class DiffusionConfig:
     """Ancestral sampler variance: σ²_t = β̃_t (small) or β_t (large); the paper found both similar."""
     clip_x0: bool = True
     """Clip the predicted x̂₀ to [-1, 1] in the ancestral sampler (as the paper's sampler does)."""
+
+    def __post_init__(self):
+        check_config(self, positive=("timesteps", "beta_start", "beta_end"))
+        if not self.beta_start <= self.beta_end < 1:
+            raise ConfigError(
+                f"DiffusionConfig needs 0 < beta_start <= beta_end < 1, got beta_start "
+                f"{self.beta_start} and beta_end {self.beta_end}"
+            )
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:

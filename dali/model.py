@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention
+from transformer.training import ConfigError, check_config
 
 
 @dataclass
@@ -54,15 +55,30 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        check_config(
+            self,
+            positive=("image_size", "in_channels", "channels", "channel_mult", "num_res_blocks",
+                      "attention_resolutions", "attention_heads", "norm_groups"),
+            below_one=("dropout",),
+        )  # fmt: skip
         levels = len(self.channel_mult)
+        if levels == 0:
+            raise ConfigError("UNetConfig.channel_mult needs at least one level")
         if self.image_size % 2 ** (levels - 1):
-            raise ValueError(
-                f"image_size {self.image_size} cannot be halved {levels - 1} times "
+            raise ConfigError(
+                f"UNetConfig.image_size {self.image_size} cannot be halved {levels - 1} times "
                 f"(channel_mult has {levels} levels)"
             )
-        for width in {self.channels * m for m in self.channel_mult}:
+        for width in sorted({self.channels * m for m in self.channel_mult}):
             if width % self.norm_groups:
-                raise ValueError(f"{width} channels do not split into {self.norm_groups} groups")
+                raise ConfigError(
+                    f"UNetConfig: {width} channels do not split into norm_groups {self.norm_groups}"
+                )
+            if width % self.attention_heads:
+                raise ConfigError(
+                    f"UNetConfig: {width} channels do not split into attention_heads "
+                    f"{self.attention_heads}"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -27,6 +28,7 @@ from transformer.training import (
     add_common_arguments,
     add_dataclass_arguments,
     autocast,
+    check_config,
     dataclass_from_args,
     run_command,
     seed_everything,
@@ -66,10 +68,19 @@ class TrainConfig:
     """Append the loss to metrics.jsonl every this many steps."""
     eval_samples: int = 1000
     """Samples generated at the end to measure quality (labelled data only; 0 skips)."""
-    eval_sampler: str = "ddim"
+    eval_sampler: Literal["ancestral", "ddim"] = "ddim"
     """Sampler for the final quality numbers: ancestral (1000 steps) or ddim."""
     eval_steps: int = 100
     """DDIM steps for the final quality numbers."""
+
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("steps", "batch_size", "lr", "log_every", "eval_steps"),
+            non_negative=("warmup_steps", "grad_clip", "sample_every", "checkpoint_every",
+                          "eval_samples"),
+            probability=("ema_decay",),
+        )  # fmt: skip
 
 
 @dataclass
@@ -166,16 +177,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     kind = args.data.partition(":")[0]
     preset = PRESETS[args.config or DEFAULT_PRESET.get(kind, "digits")]
-    try:
-        unet_config = dataclass_from_args(UNetConfig, args, base=preset.unet)
-    except ValueError as exc:
-        raise DaliError(f"bad model config: {exc}") from None
+    unet_config = dataclass_from_args(UNetConfig, args, base=preset.unet)
     diffusion_config = dataclass_from_args(DiffusionConfig, args, base=preset.diffusion)
     train_config = dataclass_from_args(TrainConfig, args, base=preset.train)
-    if train_config.eval_sampler not in ("ancestral", "ddim"):
-        raise DaliError(
-            f"--eval-sampler must be ancestral or ddim, not {train_config.eval_sampler!r}"
-        )
     if train_config.eval_samples and not 1 <= train_config.eval_steps <= diffusion_config.timesteps:
         raise DaliError(f"--eval-steps must be between 1 and T = {diffusion_config.timesteps}")
     if args.out is None:

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from transformer.training import (
+    ConfigError,
     Distributed,
     TrainingRun,
     add_common_arguments,
@@ -148,9 +149,10 @@ def check_same_tokenizer(a: TaskTokenizer, b: TaskTokenizer, what_a: str, what_b
         )
 
 
-def check_beta(beta: float, flag: str = "--beta") -> None:
-    if not beta > 0:
-        raise InstructGPTError(f"{flag} must be > 0, got {beta}")
+def check_k(config) -> None:
+    """A ranking needs at least two responses to compare."""
+    if config.k < 2:
+        raise ConfigError(f"{type(config).__name__}.k must be at least 2, got {config.k}")
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -185,12 +187,6 @@ def start_stage(args) -> tuple[Distributed, torch.device, torch.dtype]:
     dtype = select_dtype(args.dtype, device)
     seed_everything(args.seed)
     return dist, device, dtype
-
-
-def check_steps_batch_lr(config) -> None:
-    """A config with `steps`, `batch_size` and `lr` must have all three positive."""
-    if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise InstructGPTError("--steps, --batch-size and --lr must be positive")
 
 
 def start_run(

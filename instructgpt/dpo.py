@@ -23,13 +23,19 @@ from typing import Literal
 
 import torch
 
-from transformer.training import TrainingRun, autocast, dataclass_from_args, run_command
+from transformer.training import (
+    ConfigError,
+    TrainingRun,
+    autocast,
+    check_config,
+    dataclass_from_args,
+    run_command,
+)
 
 from .common import (
     EpochSampler,
     add_training_arguments,
-    check_beta,
-    check_steps_batch_lr,
+    check_k,
     cosine_lr,
     ddp,
     frozen_copy,
@@ -40,7 +46,7 @@ from .common import (
     start_run,
     start_stage,
 )
-from .data import InstructGPTError, Ranking, collate, encode_pair, task_prompts
+from .data import Ranking, collate, encode_pair, task_prompts
 from .losses import dpo_loss
 from .model import sequence_logprobs
 from .reward import training_rankings
@@ -72,6 +78,19 @@ class DPOConfig:
     """share of prompts held out to measure preference accuracy, if no --eval-data"""
     k: int = 4
     """embedded task only: responses sampled per prompt for the labeler to rank"""
+
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("steps", "batch_size", "lr", "beta", "max_len"),
+            non_negative=("warmup",),
+            below_one=("eval_fraction",),
+        )
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
+            )
+        check_k(self)
 
 
 def ranking_pairs(rankings: list[Ranking]) -> list[tuple[str, str, str]]:
@@ -126,10 +145,6 @@ def preference_accuracy(policy, reference, tokenizer, pairs, config, device) -> 
 
 def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[TrainingRun, dict]:
     dist, device, dtype = start_stage(args)
-    check_beta(config.beta)
-    if not 0 <= config.label_smoothing < 0.5:
-        raise InstructGPTError("--label-smoothing must be in [0, 0.5)")
-    check_steps_batch_lr(config)
     policy, tokenizer, base = load_policy(args.model, device)
     max_len = min(config.max_len, policy.config.max_seq_len)
     config.max_len = max_len

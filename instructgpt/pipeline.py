@@ -32,10 +32,12 @@ from types import SimpleNamespace
 import torch
 
 from transformer.training import (
+    ConfigError,
     Distributed,
     TrainingRun,
     add_common_arguments,
     add_dataclass_arguments,
+    check_config,
     claim_run_directory,
     dataclass_from_args,
     lock_run_directory,
@@ -48,6 +50,7 @@ from xllama import Llama, LlamaConfig
 from .common import (
     TOKENIZER_FILE,
     TaskTokenizer,
+    check_k,
     cosine_lr,
     ddp,
     load_policy,
@@ -109,6 +112,48 @@ class PipelineConfig:
     max_new_tokens: int = 32
     """longest sampled response (rankings, PPO rollouts, evaluation)"""
 
+    def __post_init__(self):
+        """Every stage's config is built (and so checked) here, before the first stage starts."""
+        check_config(
+            self,
+            positive=("vocab_size", "pretrain_steps", "pretrain_batch", "pretrain_lr",
+                      "dpo_rounds", "eval_samples"),
+        )  # fmt: skip
+        check_k(self)
+        if self.max_new_tokens >= self.context:
+            raise ConfigError(
+                f"PipelineConfig.max_new_tokens ({self.max_new_tokens}) leaves no room for a "
+                f"prompt in the context ({self.context})"
+            )
+        self.llama(self.vocab_size)
+        self.sft()
+        self.reward()
+        for beta in self.ppo_betas:
+            self.ppo(beta)
+        for beta in self.dpo_betas:
+            self.dpo(beta)
+
+    def llama(self, vocab_size: int) -> LlamaConfig:
+        return LlamaConfig(
+            dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=vocab_size,
+            multiple_of=32, max_seq_len=self.context,
+        )  # fmt: skip
+
+    def sft(self) -> SFTConfig:
+        return SFTConfig(steps=self.sft_steps)
+
+    def reward(self) -> RewardConfig:
+        return RewardConfig(steps=self.rm_steps)
+
+    def ppo(self, beta: float) -> PPOConfig:
+        return PPOConfig(
+            iterations=self.ppo_iterations, beta=beta, lr=self.ppo_lr,
+            max_new_tokens=self.max_new_tokens,
+        )  # fmt: skip
+
+    def dpo(self, beta: float) -> DPOConfig:
+        return DPOConfig(steps=self.dpo_steps, beta=beta, lr=self.dpo_lr)
+
 
 def pretrain(
     out: Path, config: PipelineConfig, device, seed: int, dist: Distributed | None = None
@@ -125,10 +170,7 @@ def pretrain(
     dist.barrier()
     tokenizer = TaskTokenizer.load(out / TOKENIZER_FILE)
     ids = torch.tensor(tokenizer.encode(text))
-    llama = LlamaConfig(
-        dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
-        vocab_size=tokenizer.vocab_size, multiple_of=32, max_seq_len=config.context,
-    )  # fmt: skip
+    llama = config.llama(tokenizer.vocab_size)
     seed_everything(seed)
     model = Llama(llama).to(device)
     optimizer = torch.optim.AdamW(
@@ -204,7 +246,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
 
     sft_dir = out / "sft"
     if not _done(sft_dir):
-        train_sft(_args(common, sft_dir, model=base, data=None), SFTConfig(steps=config.sft_steps))
+        train_sft(_args(common, sft_dir, model=base, data=None), config.sft())
         _mark(sft_dir, dist)
 
     # Step 3: the labeler ranks K samples per prompt from the SFT policy (rank 0; the others wait).
@@ -227,7 +269,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
                 eval_data=heldout_path,
                 demonstrations=None,
             ),
-            RewardConfig(steps=config.rm_steps),
+            config.reward(),
         )
         _mark(rm_dir, dist, summary)
     results["reward_model"] = json.loads((rm_dir / "DONE").read_text())
@@ -238,12 +280,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
         if not _done(d):
             train_ppo(
                 _args(common, d, policy=sft_dir, reward_model=rm_dir, prompts=None),
-                PPOConfig(
-                    iterations=config.ppo_iterations,
-                    beta=beta,
-                    lr=config.ppo_lr,
-                    max_new_tokens=config.max_new_tokens,
-                ),  # fmt: skip,
+                config.ppo(beta),
             )
             _mark(d, dist)
         policies[d.name] = d
@@ -263,7 +300,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
             if not _done(d):
                 _, summary = train_dpo(
                     _args(common, d, model=previous, data=data, eval_data=heldout_path),
-                    DPOConfig(steps=config.dpo_steps, beta=beta, lr=config.dpo_lr),
+                    config.dpo(beta),
                 )
                 _mark(d, dist, summary)
             policies[d.name] = d
@@ -337,8 +374,6 @@ def main(argv=None) -> int:
         from .data import InstructGPTError
 
         raise InstructGPTError("--out DIR is required: the directory for every stage's run")
-    if config.dpo_rounds < 1:
-        raise InstructGPTError(f"--dpo-rounds must be at least 1, got {config.dpo_rounds}")
     run_pipeline(args, config)
     return 0
 

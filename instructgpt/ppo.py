@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from transformer.training import (
     Distributed,
     TrainingRun,
+    check_config,
     dataclass_from_args,
     run_command,
     save_checkpoint,
@@ -37,7 +39,6 @@ from transformer.training import (
 from .common import (
     EpochSampler,
     add_training_arguments,
-    check_beta,
     check_same_tokenizer,
     ddp,
     frozen_copy,
@@ -105,9 +106,19 @@ class PPOConfig:
     """tokens per pretraining sequence"""
     max_new_tokens: int = 32
     """longest response sampled"""
-    value_init: str = "reward"
+    value_init: Literal["reward", "policy"] = "reward"
     """initialise the value model from the reward model ("reward", as InstructGPT) or from the
     policy with a zero head ("policy")"""
+
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("iterations", "rollout_batch", "minibatch", "ppo_epochs", "lr", "beta",
+                      "kl_target", "kl_horizon", "clip", "value_clip", "ptx_batch", "ptx_len",
+                      "max_new_tokens"),
+            non_negative=("value_coef", "ptx_coef"),
+            probability=("gamma", "lam"),
+        )  # fmt: skip
 
 
 @dataclass
@@ -279,11 +290,6 @@ def train_ppo(
     args, config: PPOConfig, prompts: list[str] | None = None
 ) -> tuple[TrainingRun, dict]:
     dist, device, _ = start_stage(args)  # rollouts and updates run in float32 (--dtype unused)
-    check_beta(config.beta)
-    if config.value_init not in ("reward", "policy"):
-        raise InstructGPTError("--value-init must be 'reward' or 'policy'")
-    if config.rollout_batch < 1 or config.minibatch < 1 or config.ppo_epochs < 1:
-        raise InstructGPTError("--rollout-batch, --minibatch and --ppo-epochs must be positive")
     policy, tokenizer, policy_path = load_policy(args.policy, device)
     reward_model, rm_tokenizer, rm_path = load_reward_model(args.reward_model, device)
     check_same_tokenizer(tokenizer, rm_tokenizer, "policy", "reward model")

@@ -22,12 +22,18 @@ from pathlib import Path
 
 import torch
 
-from transformer.training import TrainingRun, autocast, dataclass_from_args, run_command
+from transformer.training import (
+    TrainingRun,
+    autocast,
+    check_config,
+    dataclass_from_args,
+    run_command,
+)
 
 from .common import (
     EpochSampler,
     add_training_arguments,
-    check_steps_batch_lr,
+    check_k,
     cosine_lr,
     ddp,
     load_policy,
@@ -70,6 +76,15 @@ class RewardConfig:
     """share of the rankings held out (by prompt) to measure pairwise accuracy, if no --eval-data"""
     k: int = 4
     """embedded task only: responses sampled per prompt for the labeler to rank"""
+
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("steps", "batch_size", "lr", "max_len"),
+            non_negative=("warmup", "weight_decay"),
+            below_one=("eval_fraction",),
+        )
+        check_k(self)
 
 
 def score_rankings(
@@ -179,7 +194,6 @@ def train_reward(
     args, config: RewardConfig, rankings=None, heldout=None
 ) -> tuple[TrainingRun, dict]:
     dist, device, dtype = start_stage(args)
-    check_steps_batch_lr(config)
     sft, tokenizer, base = load_policy(args.model, device)
     max_len = min(config.max_len, sft.config.max_seq_len)
     rankings, heldout = training_rankings(args, config, sft, tokenizer, max_len, rankings, heldout)

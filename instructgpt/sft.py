@@ -15,12 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from transformer.training import TrainingRun, autocast, dataclass_from_args, run_command
+from transformer.training import (
+    TrainingRun,
+    autocast,
+    check_config,
+    dataclass_from_args,
+    run_command,
+)
 
 from .common import (
     EpochSampler,
     add_training_arguments,
-    check_steps_batch_lr,
     cosine_lr,
     ddp,
     load_policy,
@@ -58,6 +63,13 @@ class SFTConfig:
     padding_side: Literal["right", "left"] = "right"
     """pad batches on the right or left (results are the same; a flag for the tests)"""
 
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("steps", "batch_size", "lr", "max_len"),
+            non_negative=("warmup", "weight_decay"),
+        )
+
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -78,7 +90,6 @@ def train_sft(
     args, config: SFTConfig, demonstrations: list[Demonstration] | None = None
 ) -> TrainingRun:
     dist, device, dtype = start_stage(args)
-    check_steps_batch_lr(config)
     policy, tokenizer, base = load_policy(args.model, device)
     if demonstrations is None:
         demonstrations = read_demonstrations(args.data) if args.data else task_demonstrations()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention, StaticKVCache, padding_mask
+from .training.config import ConfigError, check_config
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,22 @@ class TransformerConfig:
     "LayerNorm epsilon"
     pad_id: int = 0
     "the padding token's id: never attended to, never predicted"
+
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads",
+                      "d_ff", "max_len", "norm_eps"),
+            non_negative=("pad_id",),
+            below_one=("dropout", "attention_dropout"),
+        )  # fmt: skip
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"TransformerConfig.d_model ({self.d_model}) must be divisible by n_heads "
+                f"({self.n_heads})"
+            )
+        if self.pad_id >= self.vocab_size:
+            raise ConfigError(f"TransformerConfig.pad_id {self.pad_id} is not in the vocabulary")
 
 
 PRESETS: dict[str, TransformerConfig] = {

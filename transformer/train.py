@@ -55,6 +55,7 @@ from .training import (
     add_common_arguments,
     add_dataclass_arguments,
     autocast,
+    check_config,
     checkpoint_step,
     claim_run_directory,
     dataclass_from_args,
@@ -110,6 +111,17 @@ class TrainConfig:
     "validation translations printed at the end"
     target_exact_match: float = 0.0
     "stop early once the validation exact match (greedy, checked each epoch) reaches this; 0 = never"
+
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("steps", "batch_tokens", "micro_batch_tokens", "warmup_steps", "lr_scale",
+                      "adam_eps", "bpe_vocab_size", "max_sentence_tokens", "beam_size",
+                      "task_train_size", "task_valid_size"),
+            non_negative=("checkpoint_every", "keep_checkpoints", "length_penalty", "samples"),
+            below_one=("adam_beta1", "adam_beta2", "label_smoothing"),
+            probability=("target_exact_match",),
+        )  # fmt: skip
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {

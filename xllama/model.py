@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import KVCache, MultiHeadAttention
-from transformer.training import UserError
+from transformer.training import UserError, check_config
 
 
 class XLlamaError(UserError):
@@ -84,6 +84,13 @@ class LlamaConfig:
     """standard deviation of the normal initialisation of every matrix"""
 
     def __post_init__(self):
+        check_config(
+            self,
+            positive=("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                      "ffn_dim_multiplier", "ffn_hidden_dim", "norm_eps", "max_seq_len",
+                      "rope_theta", "rope_scaling", "sliding_window", "init_std"),
+            below_one=("dropout",),
+        )  # fmt: skip
         n_kv = self.kv_heads
         if self.dim % self.n_heads:
             raise XLlamaError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")

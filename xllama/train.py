@@ -29,10 +29,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from transformer.training import (
+    ConfigError,
     TrainingRun,
     add_common_arguments,
     add_dataclass_arguments,
     autocast,
+    check_config,
     checkpoint_step,
     claim_run_directory,
     dataclass_from_args,
@@ -90,6 +92,21 @@ class TrainConfig:
     """tokens to generate at the end"""
     sample_prompt: str = "\n"
     """text the final sample continues"""
+
+    def __post_init__(self):
+        check_config(
+            self,
+            positive=("steps", "batch_size", "grad_accum", "lr", "eps", "eval_batches"),
+            non_negative=("min_lr", "warmup_steps", "weight_decay", "grad_clip", "time_limit",
+                          "eval_every", "checkpoint_every", "sample_tokens"),
+            below_one=("beta1", "beta2"),
+        )  # fmt: skip
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(
+                f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
 
 # Training settings that go with a named model config (flags still override them).

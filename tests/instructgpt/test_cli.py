@@ -113,7 +113,7 @@ def test_nonpositive_beta_exits_2(tmp_path, base_model, capsys):
         ],
         capsys,
     )
-    assert code == 2 and len(err) == 1 and "--beta must be > 0" in err[0]
+    assert code == 2 and len(err) == 1 and "DPOConfig.beta must be > 0" in err[0]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import typing
 from .errors import UserError
 
 
-class ConfigError(UserError):
+class ConfigError(UserError, ValueError):
     """A config value of the wrong type, not finite, out of its range, or inconsistent."""
 
 
