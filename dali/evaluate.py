@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from transformer.training import add_common_arguments, run_command, select_device, select_dtype
+from transformer.training import (
+    CommandParser,
+    add_common_arguments,
+    positive_int,
+    run_command,
+    select_device,
+    select_dtype,
+)
 
 from .data import DaliError, ImageDataset, load_images
 from .pipeline import DDPM, add_sampler_arguments, check_ddim_steps, generate, load_ddpm
@@ -69,7 +76,7 @@ def measure_quality(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="dali.evaluate",
         description="Print the Fréchet distance of a checkpoint's samples to the real data, in the "
         "feature space of a classifier trained on that data, with the real-vs-real floor.",
@@ -78,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, required=True, help="checkpoint or run directory"
     )
     parser.add_argument(
-        "--n", type=int, default=1000, help="samples to generate and compare (default: 1000)"
+        "--n",
+        type=positive_int,
+        default=1000,
+        help="samples to generate and compare (default: 1000)",
     )
     add_sampler_arguments(parser, sampler="ddim", steps=100)
     parser.add_argument(

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from transformer.training import autocast, check_checkpoint, find_checkpoint, load_weights
+from transformer.training import (
+    autocast,
+    check_checkpoint,
+    config_from_dict,
+    find_checkpoint,
+    float_in,
+    load_weights,
+    positive_int,
+)
 
 from .data import DaliError
 from .diffusion import DiffusionConfig, GaussianDiffusion
@@ -62,18 +70,18 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def config_from_dict(model: dict) -> tuple[UNetConfig, DiffusionConfig]:
-    return UNetConfig(**model["unet"]), DiffusionConfig(**model["diffusion"])
-
-
 def load_ddpm(path: Path, device: torch.device | str = "cpu") -> tuple[DDPM, dict]:
     """A checkpoint directory (or a run directory: its latest checkpoint) -> (DDPM, config)."""
     checkpoint = find_checkpoint(Path(path))
     config = check_checkpoint(checkpoint, "dali")
-    try:
-        unet_config, diffusion_config = config_from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DaliError(f"{checkpoint}/config.json does not describe a dali model: {exc}") from None
+    model = config.get("model")
+    where = f"{checkpoint}/config.json: model"
+    if not isinstance(model, dict):
+        raise DaliError(f"{where} is not a JSON object")
+    unet_config = config_from_dict(UNetConfig, model.get("unet"), f"{where}.unet")
+    diffusion_config = config_from_dict(
+        DiffusionConfig, model.get("diffusion"), f"{where}.diffusion"
+    )
     ddpm = DDPM(unet_config, diffusion_config)
     load_weights(checkpoint, ddpm)
     return ddpm.to(device).eval(), config
@@ -147,10 +155,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, sampler: str, steps: 
         f"(default: {sampler})",
     )
     parser.add_argument(
-        "--steps", type=int, default=steps, help=f"DDIM steps, 1..T (default: {steps})"
+        "--steps", type=positive_int, default=steps, help=f"DDIM steps, 1..T (default: {steps})"
     )
     parser.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)"
+        "--eta",
+        type=float_in(0.0, 1.0),
+        default=0.0,
+        help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)",
     )
     parser.add_argument(
         "--ddim-clip-x0",

@@ -19,39 +19,51 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transformer.training import add_common_arguments, run_command, select_device, select_dtype
+from transformer.training import (
+    CommandParser,
+    add_common_arguments,
+    positive_int,
+    run_command,
+    select_device,
+    select_dtype,
+)
 
 from .data import DaliError, save_grid, to_uint8
 from .pipeline import add_sampler_arguments, generate, load_ddpm
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="dali.sample",
         description="Sample images from a DDPM checkpoint (EMA weights).",
     )
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="checkpoint or run directory"
     )
-    parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    parser.add_argument(
+        "--n", type=positive_int, default=64, help="number of samples (default: 64)"
+    )
     add_sampler_arguments(parser, sampler="ancestral", steps=50)
     parser.add_argument(
-        "--batch-size", type=int, default=256, help="samples generated at once (default: 256)"
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="samples generated at once (default: 256)",
     )
     parser.add_argument("--save-npz", type=Path, default=None, help="also save the raw samples")
     parser.add_argument("--chain", type=Path, default=None, help="write the x̂₀ chain strip PNG")
     parser.add_argument(
         "--chain-every",
-        type=int,
+        type=positive_int,
         default=None,
         help="chain column every k timesteps (default: T/10)",
     )
     parser.add_argument(
-        "--chain-rows", type=int, default=8, help="samples shown in the chain (default: 8)"
+        "--chain-rows", type=positive_int, default=8, help="samples shown in the chain (default: 8)"
     )
     parser.add_argument(
         "--scale",
-        type=int,
+        type=positive_int,
         default=None,
         help="upscale factor of the PNGs (default: 64 / image size)",
     )

@@ -24,6 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from transformer.training import (
+    CommandParser,
     TrainingRun,
     add_common_arguments,
     add_dataclass_arguments,
@@ -132,7 +133,7 @@ DEFAULT_PRESET = {"digits": "digits", "mnist": "mnist", "folder": "cifar10"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="dali.train",
         description="Train a DDPM (Ho et al. 2020). The default trains on scikit-learn's 8×8 digits "
         "(offline) and produces recognisable digits in a few CPU minutes.",

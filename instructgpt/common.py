@@ -26,6 +26,7 @@ from transformer.training import (
     add_dataclass_arguments,
     find_checkpoint,
     load_weights,
+    non_negative_int,
     read_config,
     seed_everything,
     select_dtype,
@@ -105,12 +106,14 @@ def _llama_config(checkpoint: Path, kind: str | None) -> tuple[LlamaConfig, str]
         found = model.get("kind")
         if kind is not None and found != kind:
             raise InstructGPTError(f"{checkpoint} holds a {found} model, not a {kind} model")
-        return LlamaConfig.from_dict(model["llama"]), found
+        return LlamaConfig.from_dict(
+            model.get("llama"), f"{checkpoint}/config.json: model.llama"
+        ), found
     if package == "xllama":
         if kind == "reward":
             raise InstructGPTError(f"{checkpoint} is an xllama language model, not a reward model")
         llama = model.get("llama", model)
-        return LlamaConfig.from_dict(llama), "policy"
+        return LlamaConfig.from_dict(llama, f"{checkpoint}/config.json: model"), "policy"
     raise InstructGPTError(
         f"{checkpoint} is a checkpoint of {package!r}; expected an instructgpt or xllama model"
     )
@@ -176,7 +179,10 @@ def add_training_arguments(
     and the shared --device --dtype --seed --out --resume --compile."""
     add_dataclass_arguments(parser, config_class, name)
     parser.add_argument(
-        "--checkpoint-every", type=int, default=0, help=f"{checkpoint_unit} between checkpoints"
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=0,
+        help=f"{checkpoint_unit} between checkpoints",
     )
     add_common_arguments(parser)
 

@@ -65,20 +65,19 @@ class Ranking:
 
 
 def _records(path: Path):
+    from tokenizer.data import read_text_file  # one line naming the file if missing, binary, empty
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            yield f"{path}:{number}", record
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object")
+        yield f"{path}:{number}", record
 
 
 def _text(where: str, record: dict, key: str, fmt: str, allow_empty: bool = False) -> str:

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from transformer.training import (
+    CommandParser,
     ConfigError,
     TrainingRun,
     autocast,
@@ -215,7 +216,7 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="instructgpt.dpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(

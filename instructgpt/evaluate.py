@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from transformer.training import add_common_arguments, run_command, seed_everything, select_device
+from transformer.training import (
+    CommandParser,
+    add_common_arguments,
+    positive_int,
+    run_command,
+    seed_everything,
+    select_device,
+)
 
 from .common import check_same_tokenizer, load_policy, load_reward_model
 from .data import GoldLabeler, collate, encode_pair, read_prompts, task_prompts
@@ -106,7 +113,7 @@ def compare(policy_a, policy_b, tokenizer, prompts, judge, samples=4, max_new_to
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="instructgpt.evaluate",
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
@@ -126,9 +133,11 @@ def main(argv=None) -> int:
         default=None,
         help='JSONL with a "prompt" per line (default: the embedded task\'s held-out prompts)',
     )
-    parser.add_argument("--samples", type=int, default=4, help="responses per prompt (default: 4)")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=32, help="longest response (default: 32)"
+        "--samples", type=positive_int, default=4, help="responses per prompt (default: 4)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="longest response (default: 32)"
     )
     add_common_arguments(parser, training=False)
     args = parser.parse_args(argv)

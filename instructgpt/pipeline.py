@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from transformer.training import (
+    CommandParser,
     ConfigError,
     Distributed,
     TrainingRun,
@@ -352,7 +353,7 @@ def evaluate_policies(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="instructgpt.pipeline",
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,

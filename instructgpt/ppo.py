@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from transformer.training import (
+    CommandParser,
     Distributed,
     TrainingRun,
     check_config,
@@ -407,7 +408,7 @@ def save_policy(out: Path, policy: nn.Module, tokenizer, extra: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="instructgpt.ppo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--policy", type=Path, required=True, help="SFT model run or checkpoint")

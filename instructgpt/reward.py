@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from transformer.training import (
+    CommandParser,
     TrainingRun,
     autocast,
     check_config,
@@ -251,7 +252,7 @@ def train_reward(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="instructgpt.reward",
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,

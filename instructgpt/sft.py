@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from transformer.training import (
+    CommandParser,
     TrainingRun,
     autocast,
     check_config,
@@ -132,7 +133,7 @@ def print_samples(run, policy, tokenizer, prompts, max_len: int, max_new_tokens:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="instructgpt.sft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     add_data_arguments(parser)

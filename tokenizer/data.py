@@ -138,6 +138,8 @@ def write_tokens(
 
 def read_token_meta(path: str | Path) -> dict:
     """The sidecar of a token file, checked to be one of ours."""
+    if Path(path).is_dir():
+        raise TokenFileError(f"{path} is a directory; expected a token file FILE.bin")
     side = sidecar_path(path)
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))

@@ -42,6 +42,8 @@ class SentencePieceModel:
     scores: list[float]
     types: list[int]
     model_type: int = 1  # proto default: UNIGRAM
+    has_trainer_spec: bool = False
+    """False for a file cut short before its TrainerSpec (every model sentencepiece writes has one)"""
     byte_fallback: bool = False
     unk_id: int = 0
     bos_id: int = 1
@@ -73,6 +75,7 @@ class SentencePieceModel:
                 model.scores.append(score)
                 model.types.append(kind)
             elif number == 2:  # TrainerSpec
+                model.has_trainer_spec = True
                 for inner, inner_value in _protobuf_fields(value):
                     if inner == 3:
                         model.model_type = inner_value
@@ -171,6 +174,11 @@ class SentencePieceTokenizer:
             ) from None
         if not model.pieces:
             raise TokenizerFileError(f"{path} is not a sentencepiece model (it has no pieces)")
+        if not model.has_trainer_spec:
+            raise TokenizerFileError(
+                f"{path} is truncated or damaged: it ends after {len(model.pieces)} pieces, "
+                "before the model's trainer settings"
+            )
         if model.model_type != BPE_MODEL:
             raise TokenizerFileError(
                 f"{path} is a sentencepiece model of type {model.model_type}; "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .training import UserError
+from .training import UserError, one_line
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
@@ -42,14 +42,18 @@ class DataError(UserError):
 def read_lines(path: str | Path) -> list[str]:
     """The lines of a text file (gzip when the name ends in .gz), without line breaks."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a text file (one sentence per line)")
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             lines = [line.rstrip("\r\n") for line in f]
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (offset {exc.start})") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {one_line(exc)}") from None
     if not any(line.strip() for line in lines):
         raise DataError(f"{path} is empty")
     return lines

@@ -22,7 +22,7 @@ The attention itself (Eq. 1, §3.2.2) is `transformer.attention.MultiHeadAttenti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -472,8 +472,3 @@ def beam_search(
         state.reorder(source_rows)
 
     return [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in finished]
-
-
-def model_config_from_dict(values: dict) -> TransformerConfig:
-    """A config from a checkpoint's JSON (unknown keys are an error of the checkpoint)."""
-    return replace(TransformerConfig(), **values)

@@ -50,6 +50,7 @@ from .data import (
 )
 from .model import PRESETS, Transformer, TransformerConfig, label_smoothed_loss, learning_rate
 from .training import (
+    CommandParser,
     TrainingRun,
     UserError,
     add_common_arguments,
@@ -154,7 +155,7 @@ class TrainError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="transformer.train",
         description="Train the encoder-decoder Transformer (Vaswani et al. 2017). Without --src it "
         "trains on the embedded, generated digit task (no files, no downloads).",

@@ -32,13 +32,18 @@ from .data import (
 from .model import Transformer, TransformerConfig, beam_search, greedy_decode
 from .training import (
     CheckpointError,
+    CommandParser,
     add_common_arguments,
     autocast,
     check_checkpoint,
     checkpoint_step,
+    config_from_dict,
     find_checkpoint,
     list_checkpoints,
     load_weights,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
     run_command,
     select_device,
     select_dtype,
@@ -69,10 +74,9 @@ def load_model(path: Path, average: int = 1) -> tuple[Transformer, object, dict]
     vocabulary and the run's config."""
     checkpoint = find_checkpoint(Path(path))
     config = check_checkpoint(checkpoint, PACKAGE)
-    try:
-        model_config = TransformerConfig(**config["model"])
-    except TypeError as exc:
-        raise CheckpointError(f"{checkpoint} holds an unknown model config: {exc}") from None
+    model_config = config_from_dict(
+        TransformerConfig, config.get("model"), f"{checkpoint}/config.json: model"
+    )
     model = Transformer(model_config)
     run_dir = _run_directory(checkpoint)
     if average > 1:
@@ -138,7 +142,7 @@ def corpus_bleu(hypotheses: list[str], references: list[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="transformer.translate",
         description="Translate sentences (one per line, from --input or stdin) with a trained "
         "Transformer, and score them against --reference with sacreBLEU.",
@@ -156,26 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", type=Path, help="reference translations, line-aligned: print sacreBLEU"
     )
     parser.add_argument(
-        "--beam", type=int, default=4, help="beam size; 1 = greedy decoding (default: 4, §6.1)"
+        "--beam",
+        type=positive_int,
+        default=4,
+        help="beam size; 1 = greedy decoding (default: 4, §6.1)",
     )
     parser.add_argument(
-        "--alpha", type=float, default=0.6, help="length penalty α (default: 0.6, §6.1)"
+        "--alpha",
+        type=non_negative_float,
+        default=0.6,
+        help="length penalty α (default: 0.6, §6.1)",
     )
     parser.add_argument(
         "--max-extra",
-        type=int,
+        type=non_negative_int,
         default=50,
         help="maximum output length = input length + this (default: 50, §6.1)",
     )
     parser.add_argument(
         "--average",
-        type=int,
+        type=positive_int,
         default=1,
         help="average the weights of the run's last N checkpoints (paper: 5) (default: 1)",
     )
     parser.add_argument(
         "--batch-tokens",
-        type=int,
+        type=positive_int,
         default=4096,
         help="source tokens decoded together (divided by the beam size) (default: 4096)",
     )

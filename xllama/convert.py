@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from transformer.training import CheckpointError, check_checkpoint, load_weights
+from transformer.training import CheckpointError, check_checkpoint, load_weights, one_line
 
 from .model import Llama, LlamaConfig, XLlamaError
 
@@ -392,7 +392,7 @@ def load_meta(
 def load_ours(directory: Path, dtype: torch.dtype | None = None) -> tuple[Llama, dict]:
     """A checkpoint written by `xllama.train` -> (model, its full config dict)."""
     found = check_checkpoint(directory, PACKAGE)
-    config = LlamaConfig.from_dict(found["model"])
+    config = LlamaConfig.from_dict(found.get("model"), f"{directory}/config.json: model")
     model = Llama(config)
     load_weights(directory, model)
     if dtype is not None:
@@ -411,9 +411,16 @@ def checkpoint_kind(directory: Path) -> str:
     if config.is_file():
         try:
             data = json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"damaged {config}: {exc}") from None
-        return PACKAGE if data.get("package") == PACKAGE else "hf"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"damaged {config}: not JSON text ({one_line(exc)})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"damaged {config}: expected a JSON object")
+        package = data.get("package")
+        if package is not None and package != PACKAGE:
+            raise CheckpointError(
+                f"{directory} is a checkpoint of the {package!r} package, not an xllama model"
+            )
+        return PACKAGE if package == PACKAGE else "hf"
     raise CheckpointError(
         f"{directory} is not a checkpoint: expected config.json (ours or Hugging Face) "
         "or params.json (Meta)"

@@ -30,20 +30,11 @@ def embedded_corpus() -> str:
 
 
 def read_texts(paths) -> str:
-    """The concatenated UTF-8 text of the files, with a clear error for a missing or bad one."""
-    texts = []
-    for path in paths:
-        path = Path(path)
-        try:
-            texts.append(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise XLlamaError(f"text file not found: {path}") from None
-        except UnicodeDecodeError as exc:
-            raise XLlamaError(f"{path} is not UTF-8 text (offset {exc.start})") from None
-    text = "".join(texts)
-    if not text:
-        raise XLlamaError("the training text is empty")
-    return text
+    """The concatenated UTF-8 text of the files; a missing, binary, empty file or a directory is
+    refused in one line naming it (the tokenizer package's `read_text_file`)."""
+    from tokenizer.data import read_text_file
+
+    return "".join(read_text_file(path) for path in paths)
 
 
 def read_token_file(path: Path) -> tuple[np.ndarray, dict]:

@@ -15,8 +15,13 @@ from pathlib import Path
 import torch
 
 from transformer.training import (
+    CommandParser,
     add_common_arguments,
     find_checkpoint,
+    float_in,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
     run_command,
     select_device,
     select_dtype,
@@ -29,27 +34,33 @@ from .tokenization import load_tokenizer, tokenizer_for_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="xllama.generate",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)"
+        "--max-new-tokens",
+        type=non_negative_int,
+        default=200,
+        help="tokens to generate (default: 200)",
     )
     parser.add_argument(
         "--temperature",
-        type=float,
+        type=non_negative_float,
         default=0.8,
         help="softmax temperature; 0 = greedy (default: 0.8)",
     )
     parser.add_argument(
-        "--top-k", type=int, default=200, help="sample among the k most likely (default: 200)"
+        "--top-k",
+        type=positive_int,
+        default=200,
+        help="sample among the k most likely (default: 200)",
     )
     parser.add_argument(
         "--top-p",
-        type=float,
+        type=float_in(0.0, 1.0, low_open=True),
         default=None,
         help="nucleus sampling: the smallest set of tokens with mass p (default: off)",
     )

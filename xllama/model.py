@@ -23,7 +23,7 @@ padding, so left- or right-padding never changes a row's results. With a KV cach
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import KVCache, MultiHeadAttention
-from transformer.training import UserError, check_config
+from transformer.training import UserError, check_config, config_from_dict
 
 
 class XLlamaError(UserError):
@@ -132,12 +132,8 @@ class LlamaConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> LlamaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise XLlamaError(f"unknown LlamaConfig fields: {', '.join(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "config") -> LlamaConfig:
+        return config_from_dict(cls, d, where)
 
 
 CONFIGS: dict[str, LlamaConfig] = {

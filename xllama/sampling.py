@@ -9,6 +9,7 @@ float32 rounding for the logits).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,8 +21,8 @@ from .model import Llama, TokenDecoder, XLlamaError
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Refuse sampling settings that make no sense, with one clear message."""
-    if temperature < 0:
-        raise XLlamaError(f"temperature must be >= 0, not {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise XLlamaError(f"temperature must be a finite number >= 0, not {temperature}")
     if top_k is not None and top_k < 1:
         raise XLlamaError(f"top_k must be a positive integer, not {top_k}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
@@ -37,14 +38,23 @@ def sample_next(
 ) -> Tensor:
     """Next token per row from logits (batch, vocab): greedy at temperature 0, else sampled.
 
-    Probabilities are computed in float32 after subtracting each row's maximum, so extreme logits
-    (even ±inf) never produce NaN.
+    Logits of any float dtype are read in float32. +inf counts as the largest float (the +inf tokens
+    share the mass, or the greedy pick is the first of them), −inf is a token that cannot be drawn,
+    and probabilities come after subtracting each row's maximum, so huge logits (1e38) never
+    overflow. A row that holds a NaN, or only −inf, defines no distribution: it is refused with an
+    `XLlamaError` naming the rows, never turned into a token.
     """
     logits = logits.float()
+    broken = torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)
+    if bool(broken.any()):
+        rows = broken.nonzero().flatten().tolist()
+        raise XLlamaError(
+            f"the logits of row(s) {rows[:8]} are NaN or all -inf, so no token can be sampled "
+            "(the model's weights or inputs hold non-finite values)"
+        )
+    logits = logits.clamp(max=torch.finfo(torch.float32).max)  # +inf -> the largest float
     if temperature == 0:
         return logits.argmax(-1)
-    big = torch.finfo(torch.float32).max
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]

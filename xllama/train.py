@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from transformer.training import (
+    CommandParser,
     ConfigError,
     TrainingRun,
     add_common_arguments,
@@ -193,7 +194,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.op
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="xllama.train",
         description=__doc__.split("\n\n")[0],
     )

@@ -124,7 +124,10 @@ def test_checkpoint_averaging_is_the_elementwise_mean():
 def _error_line(main, argv, capsys):
     from transformer.training import run_command
 
-    code = run_command(main, argv, prog="transformer")
+    try:
+        code = run_command(main, argv, prog="transformer")
+    except SystemExit as exit:  # a flag refused by the parser
+        code = exit.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     return err[0]

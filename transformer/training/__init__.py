@@ -18,9 +18,19 @@ from .checkpoint import (
     read_config,
     save_checkpoint,
 )
-from .cli import add_common_arguments, add_dataclass_arguments, dataclass_from_args
-from .config import ConfigError, check_config
-from .errors import UserError, run_command
+from .cli import (
+    CommandParser,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    float_in,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
+from .config import ConfigError, check_config, config_from_dict
+from .errors import UserError, one_line, run_command
 from .run import (
     NonFiniteError,
     RunDirectoryError,
@@ -41,6 +51,12 @@ from .runtime import (
 )
 
 __all__ = [
+    "CommandParser",
+    "float_in",
+    "int_at_least",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_int",
     "CheckpointError",
     "ConfigError",
     "Distributed",
@@ -52,6 +68,7 @@ __all__ = [
     "add_dataclass_arguments",
     "autocast",
     "check_config",
+    "config_from_dict",
     "checkpoint_step",
     "claim_run_directory",
     "check_checkpoint",
@@ -60,6 +77,7 @@ __all__ = [
     "list_checkpoints",
     "load_train_state",
     "load_weights",
+    "one_line",
     "lock_run_directory",
     "read_config",
     "run_command",

@@ -140,9 +140,14 @@ def read_config(directory: Path) -> dict:
             f"{directory} is not a checkpoint (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"damaged {path}: {exc}") from None
+        raise CheckpointError(f"damaged {path}: not JSON text ({one_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"damaged {path}: expected a JSON object, got {type(config).__name__}"
+        )
+    return config
 
 
 def config_differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
@@ -166,7 +171,12 @@ def check_checkpoint(directory: Path, package: str, expected_model: dict | None 
             f"not of {package!r}"
         )
     if expected_model is not None:
-        diffs = config_differences(expected_model, config.get("model", {}))
+        found = config.get("model")
+        if not isinstance(found, dict):
+            raise CheckpointError(
+                f"damaged {directory}/{CONFIG_FILE}: its 'model' is not an object"
+            )
+        diffs = config_differences(expected_model, found)
         if diffs:
             raise CheckpointError(
                 f"checkpoint {directory} was made for another config; differs in: "

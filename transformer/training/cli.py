@@ -11,10 +11,51 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
 from pathlib import Path
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every command: a usage mistake is one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    convert.__name__ = "integer"
+    return convert
+
+
+def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] with `low_open`)."""
+
+    def convert(text: str) -> float:
+        value = float(text)
+        above = value > low if low_open else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text}")
+        return value
+
+    convert.__name__ = "number"
+    return convert
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+non_negative_float = float_in(0.0)
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -114,3 +114,20 @@ def check_config(
             value = getattr(config, field)
             if not all(ok(v) for v in _numbers(value)):
                 raise ConfigError(f"{name}.{field} must be {what}, got {value!r}")
+
+
+def config_from_dict(cls, data, where: str):
+    """`cls(**data)` for a config read from JSON (`where` names the file and key), refusing
+    anything but an object with exactly the config's fields, before the fields are checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object of {cls.__name__} fields, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown, missing = sorted(set(data) - names), sorted(names - set(data))
+    if unknown or missing:
+        parts = [f"unknown {', '.join(unknown)}"] * bool(unknown)
+        parts += [f"missing {', '.join(missing)}"] * bool(missing)
+        raise ConfigError(f"{where} is not a {cls.__name__}: {'; '.join(parts)}")
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
