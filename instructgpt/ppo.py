@@ -381,6 +381,7 @@ def train_ppo(
                 "scoring disagree (temperature, truncation) or the learning rate is too high",
                 stacklevel=1,
             )
+        run.check_finite(it, **metrics)  # losses, score, KL, ...: stop at the first NaN or inf
         kl_controller.update(kl, config.rollout_batch)
         run.log(it, **metrics)
         history.append(metrics)

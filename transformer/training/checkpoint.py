@@ -16,6 +16,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,9 @@ def load_train_state(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{directory} holds weights only, no training state to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"refused to read {path}: it holds Python objects beyond tensors and plain values, "
