@@ -106,7 +106,8 @@ def load_mnist(directory: Path) -> ImageDataset:
     """MNIST (or Fashion-MNIST) idx files in `directory`, with labels when a labels file is there."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise DaliError(f"MNIST directory not found: {directory}")
+        what = "is a file, not a directory" if directory.exists() else "not found"
+        raise DaliError(f"MNIST directory {what}: {directory}")
     images_path = _find(directory, "*images-idx3-ubyte") or _find(directory, "*images.idx3-ubyte")
     if images_path is None:
         raise DaliError(f"no *images-idx3-ubyte[.gz] file in {directory}")
@@ -144,7 +145,8 @@ def load_image_folder(directory: Path, image_size: int, channels: int) -> ImageD
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise DaliError(f"image folder not found: {directory}")
+        what = "is a file, not a directory" if directory.exists() else "not found"
+        raise DaliError(f"image folder {what}: {directory}")
     if channels not in (1, 3):
         raise DaliError(f"images must have 1 (grayscale) or 3 (RGB) channels, not {channels}")
     paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -414,7 +414,9 @@ def checkpoint_kind(directory: Path) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"damaged {config}: not JSON text ({one_line(exc)})") from None
         if not isinstance(data, dict):
-            raise CheckpointError(f"damaged {config}: expected a JSON object")
+            raise CheckpointError(
+                f"damaged {config}: expected a JSON object, got {type(data).__name__}"
+            )
         package = data.get("package")
         if package is not None and package != PACKAGE:
             raise CheckpointError(

@@ -261,3 +261,41 @@ def test_an_xllama_training_run_is_a_base_model(tmp_path):
     data = write_jsonl(tmp_path / "demos.jsonl", DEMOS)
     assert sft.main(["--model", str(base), "--data", str(data), "--steps", "1", "--batch-size", "2",
                      "--out", str(tmp_path / "sft"), "--device", "cpu"]) == 0  # fmt: skip
+
+
+# ---- faults: every stage stops at the first non-finite value; binary files are named -----------
+
+
+def test_ppo_with_an_exploding_learning_rate_stops_with_the_iteration(trained, base_model, capsys):
+    """`--lr 1e30` used to end in a multinomial traceback from NaN weights; now the first
+    non-finite statistic (the second iteration's policy loss) stops the run, naming it."""
+    prompts = write_jsonl(trained / "prompts-nan.jsonl", [{"prompt": d["prompt"]} for d in DEMOS])
+    out = trained / "ppo-nan"
+    code, err = _run(ppo, ["--policy", str(base_model), "--reward-model", str(trained / "rm"),
+                           "--prompts", str(prompts), "--iterations", "3", "--rollout-batch", "4",
+                           "--minibatch", "4", "--ppo-epochs", "1", "--max-new-tokens", "6",
+                           "--lr", "1e30", "--out", str(out), "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 2 and "non-finite" in err[-1] and "at step 2" in err[-1], err
+    assert "none written yet" in err[-1]
+    assert (
+        not list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else True
+    )
+
+
+@pytest.mark.parametrize("name", ["sft", "reward", "dpo", "ppo", "evaluate"])
+def test_a_binary_jsonl_file_is_named_in_one_line(name, trained, base_model, tmp_path, capsys):
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    model, rm = str(base_model), str(trained / "rm")
+    argv = {
+        "sft": ["--model", model, "--data", str(binary)],
+        "reward": ["--model", model, "--data", str(binary)],
+        "dpo": ["--model", model, "--data", str(binary)],
+        "ppo": ["--policy", model, "--reward-model", rm, "--prompts", str(binary)],
+        "evaluate": ["--a", model, "--b", model, "--prompts", str(binary)],
+    }[name]
+    if name != "evaluate":
+        argv += ["--out", str(tmp_path / "o")]
+    code, err = _run(COMMANDS[name], [*argv, "--device", "cpu"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert str(binary) in err[0] and "not UTF-8" in err[0]

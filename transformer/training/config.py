@@ -45,7 +45,7 @@ def _describe(annotation) -> str:
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (tuple, list):
-        return f"a list of {_describe(args[0])}"
+        return f"a list, each item {_describe(args[0])}"
     if annotation is float:
         return "a finite number"
     return f"{getattr(annotation, '__name__', annotation)}"
