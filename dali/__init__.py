@@ -1,6 +1,11 @@
 """Denoising Diffusion Probabilistic Models (Ho et al. 2020), with DDIM sampling (Song et al. 2021)
 and a Fréchet-distance sample-quality measure that needs no downloaded weights."""
 
+# First, before torch loads: a command interrupted while starting prints one line
+# (transformer/training/errors.py).
+import transformer.training  # noqa: F401
+
+# isort: split
 from .data import DaliError, ImageDataset, load_images, save_grid
 from .diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas
 from .model import UNET_CONFIGS, UNet, UNetConfig, timestep_embedding

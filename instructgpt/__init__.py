@@ -2,6 +2,11 @@
 (Rafailov et al. 2023), on xllama models. Commands: `python -m instructgpt.sft | reward | ppo |
 dpo | pipeline | evaluate`."""
 
+# First, before torch loads: a command interrupted while starting prints one line
+# (transformer/training/errors.py).
+import transformer.training  # noqa: F401
+
+# isort: split
 from .common import TaskTokenizer, load_policy, load_reward_model
 from .data import (
     DataError,

@@ -2,6 +2,10 @@
 encoder-decoder Transformer. The training platform every package's trainer uses (checkpoints, run
 directories, distributed set-up, config-to-CLI, errors) is its own subpackage, `transformer.training`."""
 
+# First, before torch loads: a command interrupted while starting prints one line (training/errors.py).
+from . import training  # noqa: F401
+
+# isort: split
 from .attention import (
     KVCache,
     MultiHeadAttention,

@@ -4,6 +4,11 @@ loads and exports real Llama checkpoints (Meta `consolidated.*.pth` and Hugging 
 Generation is `xllama.sampling.generate(model, prompts, ...)`; `xllama.generate` is the command
 (`python -m xllama.generate`), so the function is not re-exported under the same name."""
 
+# First, before torch loads: a command interrupted while starting prints one line
+# (transformer/training/errors.py).
+import transformer.training  # noqa: F401
+
+# isort: split
 from .model import (
     CONFIGS,
     Cache,

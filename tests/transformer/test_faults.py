@@ -256,3 +256,25 @@ def test_a_run_directory_that_is_a_file_or_used_in_process_is_refused(tmp_path):
         _tiny_run(tmp_path / "file")
     with pytest.raises(RunDirectoryError, match="--resume continues a run"):
         _tiny_run(tmp_path / "new", resume=tmp_path / "x", overwrite=True)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.9])
+def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(tmp_path, delay):
+    """Before `run_command` is reached (torch is still importing) as well as after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xllama.train", "--out", str(tmp_path / "run"), "--steps", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("xllama.train: interrupted"), lines
+
+
+def test_importing_dali_does_not_load_the_tokenizer():
+    code = "import sys, dali; print(sorted(m for m in sys.modules if m.startswith('tokenizer')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

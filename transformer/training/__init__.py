@@ -10,6 +10,10 @@
 Small and boring on purpose: no framework, each trainer writes its own loop.
 """
 
+# First: it makes a Ctrl-C while torch loads one line (see errors.py).
+from .errors import UserError, one_line, run_command
+
+# isort: split
 from .checkpoint import (
     CheckpointError,
     check_checkpoint,
@@ -30,7 +34,6 @@ from .cli import (
     positive_int,
 )
 from .config import ConfigError, check_config, config_from_dict
-from .errors import UserError, one_line, run_command
 from .run import (
     NonFiniteError,
     RunDirectoryError,
