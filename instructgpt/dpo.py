@@ -183,16 +183,16 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
         out = dpo_loss(
             chosen, rejected, rc, rr, config.beta, config.label_smoothing, config.loss_type
         )
-        run.check_finite(step, loss=out.loss.detach())
+        metrics = {
+            "loss": dist.all_reduce_mean(out.loss.detach()).item(),
+            "chosen_reward": dist.all_reduce_mean(out.chosen_rewards.mean()).item(),
+            "rejected_reward": dist.all_reduce_mean(out.rejected_rewards.mean()).item(),
+            "margin": dist.all_reduce_mean(out.margin).item(),
+            "accuracy": dist.all_reduce_mean(out.accuracy).item(),
+        }
+        run.check_finite(step, **metrics)
         optimizer_step(optimizer, out.loss, policy)
-        run.log(
-            step,
-            loss=dist.all_reduce_mean(out.loss.detach()).item(),
-            chosen_reward=dist.all_reduce_mean(out.chosen_rewards.mean()).item(),
-            rejected_reward=dist.all_reduce_mean(out.rejected_rewards.mean()).item(),
-            margin=dist.all_reduce_mean(out.margin).item(),
-            accuracy=dist.all_reduce_mean(out.accuracy).item(),
-        )
+        run.log(step, **metrics)
         run.end_of_step(step, sampler.state())
     run.save(config.steps, sampler.state())
     summary = {"train_pairs": len(pairs), "heldout_pairs": len(heldout_pairs)}

@@ -172,6 +172,7 @@ FLAGS = [
     (igpt_evaluate, ["--a", "x", "--b", "y", "--samples", "0"], "--samples: must be at least 1"),
     # the tokenizer's own commands
     (tok_train, ["--vocab-size", "10", *OUT], "vocab"),
+    (tok_encode, ["--tokenizer", "x", "--out", "o.bin"], "required: --input"),
 ]
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from transformer.training import CheckpointError, check_checkpoint, load_weights, one_line
+from transformer.training.checkpoint import safe_torch_load
 
 from .model import Llama, LlamaConfig, XLlamaError
 
@@ -341,10 +342,7 @@ def read_meta_shards(directory: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"no consolidated.*.pth files in {directory}")
     shards = []
     for path in paths:
-        try:
-            shards.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        shards.append(safe_torch_load(path, mmap=True))
     names = set(shards[0])
     for path, shard in zip(paths[1:], shards[1:]):
         if set(shard) != names:

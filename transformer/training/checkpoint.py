@@ -208,14 +208,21 @@ def load_train_state(directory: Path) -> dict:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} holds weights only, no training state to resume from")
+    return safe_torch_load(path)
+
+
+def safe_torch_load(path: Path, mmap: bool = False):
+    """`torch.load(weights_only=True)`: tensors and plain values only. A file holding other Python
+    objects (which could run code) is refused in one line, without torch's advice on how to load it
+    anyway."""
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"refused to read {path}: it holds Python objects beyond tensors and plain values, "
-            "which could run code (this project never writes such a file)"
+            "which could run code"
         ) from None
     except Exception as exc:
-        raise CheckpointError(f"cannot read training state {path}: {one_line(exc)}") from None
+        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
