@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from transformer.training import CheckpointError, check_checkpoint, load_weights, one_line
-from transformer.training.checkpoint import safe_torch_load
+from transformer.training import CheckpointError, check_checkpoint, load_weights
+from transformer.training.checkpoint import read_json_object, safe_torch_load
 
 from .model import Llama, LlamaConfig, XLlamaError
 
@@ -407,15 +407,7 @@ def checkpoint_kind(directory: Path) -> str:
         return "meta"
     config = directory / "config.json"
     if config.is_file():
-        try:
-            data = json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"damaged {config}: not JSON text ({one_line(exc)})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(
-                f"damaged {config}: expected a JSON object, got {type(data).__name__}"
-            )
-        package = data.get("package")
+        package = read_json_object(config).get("package")
         if package is not None and package != PACKAGE:
             raise CheckpointError(
                 f"{directory} is a checkpoint of the {package!r} package, not an xllama model"

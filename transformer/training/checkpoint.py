@@ -140,15 +140,18 @@ def read_config(directory: Path) -> dict:
         raise CheckpointError(
             f"{directory} is not a checkpoint (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a `config.json`), or one line saying what it holds."""
     try:
-        config = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"damaged {path}: not JSON text ({one_line(exc)})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(
-            f"damaged {path}: expected a JSON object, got {type(config).__name__}"
-        )
-    return config
+    if not isinstance(data, dict):
+        raise CheckpointError(f"damaged {path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def config_differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
