@@ -13,9 +13,12 @@ Timesteps are 0-based in code: index t = 0 is the paper's t = 1, the least noisy
 
 The network may predict ε (the paper's choice), x₀, or v = √ᾱ_t ε - √(1-ᾱ_t) x₀ (Salimans & Ho
 2022); whichever it predicts, sampling goes through the implied x̂₀ and ε̂. The ancestral sampler
-clips x̂₀ to [-1, 1] as the paper's released sampler does; DDIM clips too by default, as diffusers'
-`DDIMScheduler` does (`clip_x0=False` gives Song et al.'s Eq. (12) with the raw prediction, which
-matters only for an undertrained network: dali/README.md). Schedule constants are computed in float64 and stored as
+clips x̂₀ to [-1, 1] as the paper's released sampler does. DDIM clips too by default, and then
+recomputes ε̂ from the clipped x̂₀, so that each step uses one consistent (x̂₀, ε̂) pair: that is
+diffusers' `DDIMScheduler` with `clip_sample=True` and `use_clipped_model_output=True` (not its
+default, which clips x̂₀ but keeps the network's ε̂). We take that variant because with it DDIM at
+η = 1 over all T steps is exactly the clipped ancestral sampler. `clip_x0=False` gives Song et al.'s
+Eq. (12) with the raw prediction, which matters only for an undertrained network (dali/README.md). Schedule constants are computed in float64 and stored as
 float32 buffers (not saved in checkpoints: they follow from the config).
 """
 

@@ -168,6 +168,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, sampler: str, steps: 
         action=argparse.BooleanOptionalAction,
         default=True,
         help="clip x̂₀ to [-1, 1] at every DDIM step, as the ancestral sampler (Ho et al.) and "
-        "diffusers' DDIMScheduler do; --no-ddim-clip-x0 uses the raw prediction of Song et al.'s "
+        "diffusers' DDIMScheduler with use_clipped_model_output=True do (ε̂ is recomputed from the "
+        "clipped x̂₀); --no-ddim-clip-x0 uses the raw prediction of Song et al.'s "
         "Eq. 12, slightly better on a well-trained network, far worse on an undertrained one",
     )

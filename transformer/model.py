@@ -61,7 +61,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     "LayerNorm epsilon"
     pad_id: int = 0
-    "the padding token's id: never attended to, never predicted"
+    "the padding token's id: never attended to, never predicted (label smoothing gives it no mass)"
 
     def __post_init__(self):
         check_config(
@@ -319,19 +319,22 @@ def learning_rate(step: int, d_model: int, warmup_steps: int = 4000, scale: floa
 def label_smoothed_loss(
     logits: Tensor, target: Tensor, smoothing: float = 0.1, pad_id: int = 0
 ) -> tuple[Tensor, int]:
-    """§5.4 label smoothing (Szegedy et al. 2016): cross-entropy against (1 - ε)·one_hot + ε/V.
+    """§5.4 label smoothing (Szegedy et al. 2016): cross-entropy against a target distribution q
+    with 1 − ε on the reference token and ε / (V − 2) on each of the other tokens except padding.
+    Padding is never predicted, so q gives it no mass (as the Annotated Transformer does; torch's
+    `label_smoothing` would spread ε / V over padding too).
 
     Returns the loss summed over non-padding target tokens and their number, so callers can
     average over all tokens of a step that spans several micro-batches and processes.
     """
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        target.reshape(-1),
-        ignore_index=pad_id,
-        label_smoothing=smoothing,
-        reduction="sum",
-    )
-    return loss, int((target != pad_id).sum())
+    vocab = logits.size(-1)
+    log_p = F.log_softmax(logits.float(), dim=-1).reshape(-1, vocab)
+    target = target.reshape(-1)
+    real = target != pad_id
+    reference = log_p.gather(1, target[:, None]).squeeze(1)
+    others = log_p.sum(1) - reference - log_p[:, pad_id]  # every token but the reference and pad
+    loss = -(1 - smoothing) * reference - smoothing / (vocab - 2) * others
+    return (loss * real).sum(), int(real.sum())
 
 
 # -- decoding (§6.1) ------------------------------------------------------------------------------

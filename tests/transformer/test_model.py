@@ -166,6 +166,8 @@ def test_learning_rate_is_equation_3():
 
 
 def test_label_smoothed_loss_by_hand():
+    """The Annotated Transformer's target: 1 − ε on the reference, ε / (V − 2) on every other
+    token but padding (id 0), which gets nothing."""
     logits = torch.tensor([[[1.0, 2.0, 0.0, -1.0], [0.5, 0.5, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]]])
     target = torch.tensor([[1, 3, 0]])  # the last position is padding
     loss, n = label_smoothed_loss(logits, target, smoothing=0.1, pad_id=0)
@@ -173,9 +175,24 @@ def test_label_smoothed_loss_by_hand():
     for row, y in ((logits[0, 0].tolist(), 1), (logits[0, 1].tolist(), 3)):
         log_z = math.log(sum(math.exp(v) for v in row))
         nll = [log_z - v for v in row]
-        expected += 0.9 * nll[y] + 0.1 * sum(nll) / 4
+        q = [0.0 if j == 0 else 0.9 if j == y else 0.1 / 2 for j in range(4)]  # by hand
+        expected += sum(qj * lj for qj, lj in zip(q, nll))
     assert n == 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_smoothing_puts_no_mass_on_padding():
+    """d loss / d logit_j = p_j − q_j, so the padding logit's gradient is p_pad exactly (q_pad = 0),
+    while with torch's label_smoothing it would be p_pad − ε/V."""
+    logits = torch.randn(1, 5, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    target = torch.tensor([[3, 1, 6, 2, 5]])
+    loss, _ = label_smoothed_loss(logits, target, smoothing=0.1, pad_id=0)
+    loss.backward()
+    p = torch.softmax(logits.detach(), -1)
+    torch.testing.assert_close(logits.grad[..., 0], p[..., 0])
+    q = torch.full((1, 5, 7), 0.1 / 5).scatter(-1, target[..., None], 0.9)
+    q[..., 0] = 0
+    torch.testing.assert_close(logits.grad, p - q)
 
 
 def test_length_penalty_is_gnmt():
