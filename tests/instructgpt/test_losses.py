@@ -132,6 +132,22 @@ def test_clipped_objective_has_zero_gradient_where_clipped():
     assert _surrogate_grad(0.0, 2.0) == pytest.approx(-2.0)  # inside the trust region
 
 
+def test_clip_fraction_and_approx_kl_hand_computed():
+    """Four tokens (the last masked out): ratios 1.5 (A > 0: clipped), 0.5 (A < 0: clipped), 0.5
+    (A > 0: pessimistic side, not clipped) and 1.0; approx KL = mean of (ρ − 1) − log ρ."""
+    ratios = [1.5, 0.5, 0.5, 1.0]
+    logprobs = torch.tensor([[math.log(r) for r in ratios]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    stats = clipped_surrogate_loss(logprobs, torch.zeros(1, 4), advantages, mask, clip=0.2)
+    assert stats.clip_fraction.item() == pytest.approx(2 / 3)
+    kl = [(r - 1) - math.log(r) for r in ratios[:3]]
+    assert stats.approx_kl.item() == pytest.approx(sum(kl) / 3)
+    # the loss is −mean over tokens of min(ρA, clip(ρ, 0.8, 1.2)·A)
+    terms = [min(r * a, max(0.8, min(1.2, r)) * a) for r, a in zip(ratios[:3], [1.0, -1.0, 1.0])]
+    assert stats.loss.item() == pytest.approx(-sum(terms) / 3)
+
+
 def test_clipped_value_loss_hand_computed():
     values, old, returns = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[3.0]])
     loss, frac = clipped_value_loss(values, old, returns, torch.ones(1, 1), clip=0.2)

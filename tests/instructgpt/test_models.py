@@ -120,4 +120,7 @@ def test_one_ppo_iteration_moves_probability_toward_the_rewarded_arm():
     after = arm_probs()
     assert after[1] > before[1] + 0.05
     assert after[2] < before[2]
-    assert 0 <= stats["clip_fraction"] <= 1 and stats["approx_kl"] >= 0
+    # The first minibatch of the first epoch sees ρ = 1 exactly (nothing clipped, KL 0); later ones
+    # see the moved policy, so the averages are strictly positive, and with lr 1e-2 over 4 epochs
+    # some ratios leave [0.8, 1.2].
+    assert 0 < stats["clip_fraction"] < 1 and stats["approx_kl"] > 0

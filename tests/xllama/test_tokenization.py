@@ -17,7 +17,6 @@ def test_char_round_trip_and_unknown_character():
 
 
 def test_our_bpe_saved_beside_a_run_is_found_from_a_checkpoint(tmp_path):
-    pytest.importorskip("tokenizer.model")
     bpe = BPE.train(TEXT, 300)
     bpe.save(tmp_path / "tokenizer.bpe")
     ckpt = tmp_path / "checkpoints" / "step_0000010"
