@@ -60,7 +60,7 @@ def measure_quality(
             n,
             sampler,
             steps,
-            eta,
+            eta=eta,
             seed=seed,
             device=device,
             dtype=dtype,

@@ -98,6 +98,7 @@ def generate(
     n: int,
     sampler: str = "ancestral",
     steps: int | None = None,
+    *,
     eta: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",

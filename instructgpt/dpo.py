@@ -133,12 +133,12 @@ def reference_logprobs(reference, tokenizer, pairs, max_len, device, average, ba
 
 
 @torch.no_grad()
-def preference_accuracy(policy, reference, tokenizer, pairs, config, device) -> dict:
+def preference_accuracy(policy, reference, tokenizer, pairs, config, max_len, device) -> dict:
     """Implicit-reward accuracy and margin on held-out pairs."""
     policy.eval()
     average = config.loss_type == "ipo" and config.ipo_length_normalise
-    pc, pr = reference_logprobs(policy, tokenizer, pairs, config.max_len, device, average)
-    rc, rr = reference_logprobs(reference, tokenizer, pairs, config.max_len, device, average)
+    pc, pr = reference_logprobs(policy, tokenizer, pairs, max_len, device, average)
+    rc, rr = reference_logprobs(reference, tokenizer, pairs, max_len, device, average)
     out = dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing, config.loss_type)
     policy.train()
     return {"accuracy": out.accuracy.item(), "margin": out.margin.item(), "loss": out.loss.item()}
@@ -148,7 +148,6 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
     dist, device, dtype = start_stage(args)
     policy, tokenizer, base = load_policy(args.model, device)
     max_len = min(config.max_len, policy.config.max_seq_len)
-    config.max_len = max_len
     rankings, heldout = training_rankings(
         args, config, policy, tokenizer, max_len, rankings, heldout
     )
@@ -201,7 +200,7 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
             {
                 f"heldout_{k}": v
                 for k, v in preference_accuracy(
-                    policy, reference, tokenizer, heldout_pairs, config, device
+                    policy, reference, tokenizer, heldout_pairs, config, max_len, device
                 ).items()
             }
         )

@@ -157,8 +157,6 @@ class StaticKVCache:
     call. `reorder` keeps batch rows, like `KVCache.reorder`.
     """
 
-    static = True
-
     def __init__(self):
         self.k: Tensor | None = None
         self.v: Tensor | None = None
@@ -226,7 +224,7 @@ class MultiHeadAttention(nn.Module):
         batch, q_len, _ = x.shape
         source = x if context is None else context
         q = self.wq(x).view(batch, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        if getattr(cache, "static", False) and cache.filled:
+        if isinstance(cache, StaticKVCache) and cache.filled:
             k, v = cache.k, cache.v  # the context's keys/values, projected on the first call
         else:
             k = self.wk(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -148,7 +148,11 @@ class FeedForward(nn.Module):
 
 
 class Residual(nn.Module):
-    """§3.1 + §5.4: LayerNorm(x + Dropout(Sublayer(x))), or x + Dropout(Sublayer(LayerNorm(x)))."""
+    """§3.1 + §5.4: the residual connection around a sub-layer, LayerNorm(x + Dropout(Sublayer(x)))
+    (post-norm, the paper), or x + Dropout(Sublayer(LayerNorm(x))) with `pre_norm`.
+
+    A layer calls `inner(x)` for what its sub-layer reads and `outer(x, y)` with the sub-layer's
+    output y: `x = residual.outer(x, sublayer(residual.inner(x)))`."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -156,10 +160,12 @@ class Residual(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.pre_norm = config.pre_norm
 
-    def forward(self, x: Tensor, sublayer) -> Tensor:
-        if self.pre_norm:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
+    def inner(self, x: Tensor) -> Tensor:
+        return self.norm(x) if self.pre_norm else x
+
+    def outer(self, x: Tensor, y: Tensor) -> Tensor:
+        x = x + self.dropout(y)
+        return x if self.pre_norm else self.norm(x)
 
 
 class EncoderLayer(nn.Module):
@@ -175,8 +181,9 @@ class EncoderLayer(nn.Module):
         self.residual2 = Residual(config)
 
     def forward(self, x: Tensor, source_mask: Tensor | None) -> Tensor:
-        x = self.residual1(x, lambda h: self.self_attention(h, mask=source_mask))
-        return self.residual2(x, self.feed_forward)
+        r1, r2 = self.residual1, self.residual2
+        x = r1.outer(x, self.self_attention(r1.inner(x), mask=source_mask))
+        return r2.outer(x, self.feed_forward(r2.inner(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -206,11 +213,12 @@ class DecoderLayer(nn.Module):
         # Masking keeps position i from attending to later positions (§3.2.3). With a cache the new
         # positions come after the cached ones; the causal mask is aligned to the end of the keys.
         causal = self_cache is None or x.size(1) > 1
-        x = self.residual1(x, lambda h: self.self_attention(h, is_causal=causal, cache=self_cache))
-        x = self.residual2(
-            x, lambda h: self.cross_attention(h, memory, mask=source_mask, cache=cross_cache)
+        r1, r2, r3 = self.residual1, self.residual2, self.residual3
+        x = r1.outer(x, self.self_attention(r1.inner(x), is_causal=causal, cache=self_cache))
+        x = r2.outer(
+            x, self.cross_attention(r2.inner(x), memory, mask=source_mask, cache=cross_cache)
         )
-        return self.residual3(x, self.feed_forward)
+        return r3.outer(x, self.feed_forward(r3.inner(x)))
 
 
 class DecoderState:
