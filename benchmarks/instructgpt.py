@@ -28,9 +28,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from instructgpt.common import TaskTokenizer, load_policy  # noqa: E402
+from instructgpt.checkpoints import load_policy  # noqa: E402
 from instructgpt.data import corpus_text, read_rankings, task_demonstrations  # noqa: E402
 from instructgpt.dpo import DPOConfig, preference_accuracy, ranking_pairs, train_dpo  # noqa: E402
+from instructgpt.task_tokenizer import TaskTokenizer  # noqa: E402
 from xllama import Llama, LlamaConfig, generate  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def bench_dpo_trl(policy_dir, pairs_path, heldout_path, steps, batch, lr, beta, 
 
 def fresh_policy(directory: Path) -> Path:
     """A randomly initialised model of the pipeline's shape, saved where load_policy finds it."""
-    from instructgpt.common import model_config
+    from instructgpt.checkpoints import model_config
     from transformer.training import save_checkpoint
 
     tokenizer = TaskTokenizer.train(corpus_text(), 1024)

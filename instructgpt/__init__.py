@@ -7,7 +7,7 @@ dpo | pipeline | evaluate`."""
 import transformer.training  # noqa: F401
 
 # isort: split
-from .common import TaskTokenizer, load_policy, load_reward_model
+from .checkpoints import load_policy, load_reward_model
 from .data import (
     DataError,
     Demonstration,
@@ -36,6 +36,7 @@ from .losses import (
     whiten,
 )
 from .model import RewardModel, sample_responses, sequence_logprobs, sft_loss
+from .task_tokenizer import TaskTokenizer
 
 __all__ = [
     "AdaptiveKLController",

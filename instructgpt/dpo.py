@@ -31,26 +31,25 @@ from transformer.training import (
     check_config,
     dataclass_from_args,
     run_command,
+    set_lr,
+    warmup_cosine,
 )
 
-from .common import (
-    EpochSampler,
-    add_training_arguments,
-    check_k,
-    cosine_lr,
-    ddp,
-    frozen_copy,
-    load_policy,
-    optimizer_step,
-    rank_slice,
-    set_lr,
-    start_run,
-    start_stage,
-)
+from .batches import EpochSampler, rank_slice
+from .checkpoints import load_policy
 from .data import Ranking, collate, encode_pair, task_prompts
 from .losses import dpo_loss
 from .model import sequence_logprobs
 from .reward import training_rankings
+from .stage import (
+    add_training_arguments,
+    check_k,
+    ddp,
+    frozen_copy,
+    optimizer_step,
+    start_run,
+    start_stage,
+)
 
 
 @dataclass
@@ -155,7 +154,8 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
     reference = frozen_copy(policy)
     average = config.loss_type == "ipo" and config.ipo_length_normalise
     run, optimizer = start_run(
-        args, "dpo", config, policy, "policy", policy.config, tokenizer, dist, device,
+        args, stage="dpo", config=config, model=policy, kind="policy", llama=policy.config, tokenizer=tokenizer,
+        dist=dist, device=device,
         lr=config.lr, weight_decay=0.01,  # torch's AdamW default, which DPO has always used
         extra_config={"reference_model": str(base), "data": str(args.data or "embedded task")},
     )  # fmt: skip
@@ -170,7 +170,9 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
     for step in run.steps(config.steps, desc="dpo"):
         indices = rank_slice(sampler.next_batch(config.batch_size), dist.rank, dist.world_size)
         chunk = [pairs[i] for i in indices]
-        set_lr(optimizer, cosine_lr(step, config.steps, config.lr, config.warmup))
+        set_lr(
+            optimizer, warmup_cosine(step, config.steps, config.lr, 0.1 * config.lr, config.warmup)
+        )
         with autocast(device, dtype):
             chosen, rejected = pair_logprobs(model, tokenizer, chunk, max_len, device, average)
         if ref_chosen is not None:

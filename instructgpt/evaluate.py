@@ -28,9 +28,10 @@ from transformer.training import (
     select_device,
 )
 
-from .common import check_same_tokenizer, load_policy, load_reward_model
+from .checkpoints import load_policy, load_reward_model
 from .data import GoldLabeler, collate, encode_pair, read_prompts, task_prompts
 from .model import sample_responses, sequence_logprobs
+from .task_tokenizer import check_same_tokenizer
 
 
 class Judge:

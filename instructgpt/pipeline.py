@@ -44,22 +44,14 @@ from transformer.training import (
     lock_run_directory,
     run_command,
     seed_everything,
+    set_lr,
     setup_distributed,
+    warmup_cosine,
 )
 from xllama import Llama, LlamaConfig
 
-from .common import (
-    TOKENIZER_FILE,
-    TaskTokenizer,
-    check_k,
-    cosine_lr,
-    ddp,
-    load_policy,
-    model_config,
-    optimizer_step,
-    rank_slice,
-    set_lr,
-)
+from .batches import rank_slice
+from .checkpoints import load_policy, model_config
 from .data import corpus_text, read_rankings, task_prompts, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import Judge, compare
@@ -67,6 +59,8 @@ from .losses import token_logprobs
 from .ppo import PPOConfig, train_ppo
 from .reward import RewardConfig, make_task_rankings, split_heldout, train_reward
 from .sft import SFTConfig, train_sft
+from .stage import check_k, ddp, optimizer_step
+from .task_tokenizer import TOKENIZER_FILE, TaskTokenizer
 
 
 @dataclass
@@ -188,7 +182,12 @@ def pretrain(
         starts = torch.randint(0, len(ids) - config.context, (config.pretrain_batch,), generator=g)
         starts = rank_slice(starts.tolist(), dist.rank, dist.world_size)
         x = torch.stack([ids[s : s + config.context] for s in starts]).to(device)
-        set_lr(optimizer, cosine_lr(step, config.pretrain_steps, config.pretrain_lr, 50))
+        set_lr(
+            optimizer,
+            warmup_cosine(
+                step, config.pretrain_steps, config.pretrain_lr, 0.1 * config.pretrain_lr, 50
+            ),
+        )
         loss = -token_logprobs(model_ddp(x)[:, :-1], x[:, 1:]).mean()
         mean_loss = dist.all_reduce_mean(loss.detach())
         run.check_finite(step, loss=mean_loss)

@@ -37,19 +37,8 @@ from transformer.training import (
     save_checkpoint,
 )
 
-from .common import (
-    EpochSampler,
-    add_training_arguments,
-    check_same_tokenizer,
-    ddp,
-    frozen_copy,
-    load_policy,
-    load_reward_model,
-    model_config,
-    rank_slice,
-    start_run,
-    start_stage,
-)
+from .batches import EpochSampler, rank_slice
+from .checkpoints import load_policy, load_reward_model, model_config
 from .data import GoldLabeler, InstructGPTError, corpus_text, read_prompts, task_prompts
 from .losses import (
     AdaptiveKLController,
@@ -65,6 +54,8 @@ from .losses import (
     whiten,
 )
 from .model import RewardModel, sample_responses, sequence_logprobs
+from .stage import add_training_arguments, ddp, frozen_copy, start_run, start_stage
+from .task_tokenizer import check_same_tokenizer
 
 
 @dataclass
@@ -313,7 +304,8 @@ def train_ppo(
         else FixedKLController(config.beta)
     )
     run, optimizer = start_run(
-        args, "ppo", config, actor_critic, "actor_critic", policy.config, tokenizer, dist, device,
+        args, stage="ppo", config=config, model=actor_critic, kind="actor_critic", llama=policy.config, tokenizer=tokenizer,
+        dist=dist, device=device,
         lr=config.lr, weight_decay=0.01,  # torch's AdamW default, which PPO has always used
         extra_config={"sft_model": str(policy_path), "reward_model": str(rm_path)},
     )  # fmt: skip

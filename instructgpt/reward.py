@@ -29,21 +29,12 @@ from transformer.training import (
     check_config,
     dataclass_from_args,
     run_command,
+    set_lr,
+    warmup_cosine,
 )
 
-from .common import (
-    EpochSampler,
-    add_training_arguments,
-    check_k,
-    cosine_lr,
-    ddp,
-    load_policy,
-    optimizer_step,
-    rank_slice,
-    set_lr,
-    start_run,
-    start_stage,
-)
+from .batches import EpochSampler, rank_slice
+from .checkpoints import load_policy
 from .data import (
     DataError,
     GoldLabeler,
@@ -57,6 +48,7 @@ from .data import (
 )
 from .losses import ranking_accuracy, ranking_loss
 from .model import RewardModel, last_token_index, sample_responses
+from .stage import add_training_arguments, check_k, ddp, optimizer_step, start_run, start_stage
 
 
 @dataclass
@@ -203,7 +195,8 @@ def train_reward(
     model = RewardModel.from_language_model(sft)
     del sft
     run, optimizer = start_run(
-        args, "reward", config, model, "reward", model.config, tokenizer, dist, device,
+        args, stage="reward", config=config, model=model, kind="reward", llama=model.config, tokenizer=tokenizer,
+        dist=dist, device=device,
         lr=config.lr, weight_decay=config.weight_decay,
         extra_config={"base_model": str(base), "data": str(args.data or "embedded task")},
     )  # fmt: skip
@@ -213,7 +206,9 @@ def train_reward(
     for step in run.steps(config.steps, desc="reward"):
         indices = rank_slice(sampler.next_batch(config.batch_size), dist.rank, dist.world_size)
         chunk = [rankings[i] for i in indices]
-        set_lr(optimizer, cosine_lr(step, config.steps, config.lr, config.warmup))
+        set_lr(
+            optimizer, warmup_cosine(step, config.steps, config.lr, 0.1 * config.lr, config.warmup)
+        )
         with autocast(device, dtype):
             scores, valid = score_rankings(wrapped, tokenizer, chunk, max_len, device)
         loss = ranking_loss(scores, valid)

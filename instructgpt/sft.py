@@ -22,20 +22,12 @@ from transformer.training import (
     check_config,
     dataclass_from_args,
     run_command,
+    set_lr,
+    warmup_cosine,
 )
 
-from .common import (
-    EpochSampler,
-    add_training_arguments,
-    cosine_lr,
-    ddp,
-    load_policy,
-    optimizer_step,
-    rank_slice,
-    set_lr,
-    start_run,
-    start_stage,
-)
+from .batches import EpochSampler, rank_slice
+from .checkpoints import load_policy
 from .data import (
     Demonstration,
     collate,
@@ -45,6 +37,7 @@ from .data import (
     task_prompts,
 )
 from .model import sample_responses, sft_loss
+from .stage import add_training_arguments, ddp, optimizer_step, start_run, start_stage
 
 
 @dataclass
@@ -97,7 +90,8 @@ def train_sft(
     max_len = min(config.max_len, policy.config.max_seq_len)
     examples = [encode_pair(tokenizer, d.prompt, d.response, max_len) for d in demonstrations]
     run, optimizer = start_run(
-        args, "sft", config, policy, "policy", policy.config, tokenizer, dist, device,
+        args, stage="sft", config=config, model=policy, kind="policy", llama=policy.config, tokenizer=tokenizer,
+        dist=dist, device=device,
         lr=config.lr, weight_decay=config.weight_decay,
         extra_config={"base_model": str(base), "data": str(args.data or "embedded task")},
     )  # fmt: skip
@@ -108,7 +102,9 @@ def train_sft(
         indices = rank_slice(sampler.next_batch(config.batch_size), dist.rank, dist.world_size)
         batch = collate([examples[i] for i in indices], tokenizer.eos_id, config.padding_side)
         batch = batch.to(device)
-        set_lr(optimizer, cosine_lr(step, config.steps, config.lr, config.warmup))
+        set_lr(
+            optimizer, warmup_cosine(step, config.steps, config.lr, 0.1 * config.lr, config.warmup)
+        )
         with autocast(device, dtype):
             logits = model(batch.tokens, attention_mask=batch.attention_mask)
         loss = sft_loss(logits, batch.tokens, batch.response_mask)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -44,6 +43,7 @@ from transformer.training import (
     seed_everything,
     select_dtype,
     setup_distributed,
+    warmup_cosine,
 )
 
 from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
@@ -163,16 +163,11 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
 
 
 def learning_rate(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` over the rest of training.
+    """Llama 2 §2.2: linear warm-up to `lr`, then cosine decay to `min_lr` (a tenth of the peak).
 
     `progress` in [0, 1] (the fraction of the time limit used) replaces step / steps when given.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if progress is None:
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, max(0.0, progress))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, progress)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.AdamW:

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from instructgpt.common import TaskTokenizer, model_config
+from instructgpt.checkpoints import model_config
 from instructgpt.data import corpus_text
+from instructgpt.task_tokenizer import TaskTokenizer
 from transformer.training import save_checkpoint
 from xllama import Llama, LlamaConfig
 

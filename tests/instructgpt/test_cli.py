@@ -141,7 +141,7 @@ def test_reward_normalisation_and_ppo_and_dpo_runs(trained, base_model, capsys):
     summary = json.loads((trained / "rm" / "summary.json").read_text())
     assert 0 <= summary["heldout_accuracy"] <= 1
     # after normalisation the demonstrations score 0 on average
-    from instructgpt.common import load_reward_model
+    from instructgpt.checkpoints import load_reward_model
     from instructgpt.data import read_demonstrations
     from instructgpt.reward import mean_score
 

@@ -5,6 +5,7 @@
 - `cli`: config dataclasses as flags, and the flags every command takes.
 - `runtime`: device, precision, seeding, `torchrun` process groups.
 - `checkpoint`: atomic checkpoint directories read without running code.
+- `schedule`: warm-up + cosine learning rate.
 - `run`: a run directory (lock, `metrics.jsonl`, checkpoints, resume, Ctrl-C, non-finite values).
 
 Small and boring on purpose: no framework, each trainer writes its own loop.
@@ -52,6 +53,7 @@ from .runtime import (
     select_dtype,
     setup_distributed,
 )
+from .schedule import set_lr, warmup_cosine
 
 __all__ = [
     "CommandParser",
@@ -88,5 +90,7 @@ __all__ = [
     "seed_everything",
     "select_device",
     "select_dtype",
+    "set_lr",
     "setup_distributed",
+    "warmup_cosine",
 ]

@@ -1,0 +1,63 @@
+"""Loading policies and reward models from checkpoints (ours or xllama's).
+
+A model written by an instructgpt command is a run directory of the shared `TrainingRun`
+(`config.json`, `metrics.jsonl`, `checkpoints/step_N/`) with `tokenizer.bpe` beside them; its
+`config.json` says `{"package": "instructgpt", "model": {"kind": "policy" | "reward",
+"llama": LlamaConfig}}`. A base model may also be an xllama checkpoint (package "xllama").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformer.training import find_checkpoint, load_weights, read_config
+from xllama import Llama, LlamaConfig
+
+from .data import InstructGPTError
+from .model import RewardModel
+from .task_tokenizer import TaskTokenizer, find_tokenizer
+
+
+def _llama_config(checkpoint: Path, kind: str | None) -> tuple[LlamaConfig, str]:
+    config = read_config(checkpoint)
+    package, model = config.get("package"), config.get("model", {})
+    if package == "instructgpt":
+        found = model.get("kind")
+        if kind is not None and found != kind:
+            raise InstructGPTError(f"{checkpoint} holds a {found} model, not a {kind} model")
+        return LlamaConfig.from_dict(
+            model.get("llama"), f"{checkpoint}/config.json: model.llama"
+        ), found
+    if package == "xllama":
+        if kind == "reward":
+            raise InstructGPTError(f"{checkpoint} is an xllama language model, not a reward model")
+        llama = model.get("llama", model)
+        return LlamaConfig.from_dict(llama, f"{checkpoint}/config.json: model"), "policy"
+    raise InstructGPTError(
+        f"{checkpoint} is a checkpoint of {package!r}; expected an instructgpt or xllama model"
+    )
+
+
+def load_policy(path: Path, device=None) -> tuple[Llama, TaskTokenizer, Path]:
+    """A language model (base, SFT, PPO or DPO policy) and its tokenizer from a run or checkpoint
+    directory. Returns (model, tokenizer, checkpoint directory)."""
+    path = Path(path)
+    if (path / "policy" / "model.safetensors").is_file():  # a PPO or DPO run directory
+        path = path / "policy"
+    checkpoint = find_checkpoint(path)
+    config, _ = _llama_config(checkpoint, "policy")
+    model = Llama(config)
+    load_weights(checkpoint, model)
+    return model.to(device or "cpu"), TaskTokenizer.load(find_tokenizer(checkpoint)), checkpoint
+
+
+def load_reward_model(path: Path, device=None) -> tuple[RewardModel, TaskTokenizer, Path]:
+    checkpoint = find_checkpoint(Path(path))
+    config, _ = _llama_config(checkpoint, "reward")
+    model = RewardModel(config)
+    load_weights(checkpoint, model)
+    return model.to(device or "cpu"), TaskTokenizer.load(find_tokenizer(checkpoint)), checkpoint
+
+
+def model_config(kind: str, config: LlamaConfig) -> dict:
+    return {"kind": kind, "llama": config.to_dict()}
