@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer import model, spm
+from tokenizer import fileformat, spm
 from tokenizer.data import read_text_file, write_tokens
 from tokenizer.errors import SpecialTokenError, TokenizerError, TokenizerFileError, run_command
-from tokenizer.model import TIKTOKEN_ENCODINGS, BPETokenizer
+from tokenizer.model import BPETokenizer
 from tokenizer.spm import SentencePieceTokenizer
+from tokenizer.tiktoken_interop import TIKTOKEN_ENCODINGS
 from tokenizer.train import OneLineErrorParser
 
 
@@ -68,12 +69,12 @@ def load_tokenizer(where: str, ranks: Path | None = None) -> BPETokenizer | Sent
         return BPETokenizer.from_tiktoken(where, ranks_file=ranks)
     path = Path(where)
     if path.is_dir():
-        if (path / model.FILE_NAME).exists():
-            return BPETokenizer.load(path / model.FILE_NAME)
+        if (path / fileformat.FILE_NAME).exists():
+            return BPETokenizer.load(path / fileformat.FILE_NAME)
         if (path / spm.FILE_NAME).exists():
             return SentencePieceTokenizer(path / spm.FILE_NAME)
         raise TokenizerFileError(
-            f"no tokenizer in {path} (expected {model.FILE_NAME} or {spm.FILE_NAME})"
+            f"no tokenizer in {path} (expected {fileformat.FILE_NAME} or {spm.FILE_NAME})"
         )
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)

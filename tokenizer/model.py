@@ -14,54 +14,35 @@ merges. Encoding applies merges by *rank* (a token's id, the order it was learne
 chunk, repeatedly join the adjacent pair whose concatenated bytes form the lowest-ranked token.
 That rule needs nothing but a bytes -> rank table, which is exactly what tiktoken ships, so the
 same encoder serves our trained merges and OpenAI's cl100k_base / o200k_base ranks.
+
+The package, one job per file: `learn.py` learns merges (Algorithm 1 as written, then the fast
+incremental trainer), `merge.py` applies them to a chunk, this file is the tokenizer itself
+(training, encoding, decoding), `fileformat.py` saves and loads it, `tiktoken_interop.py` converts
+to and from tiktoken.
 """
 
 from __future__ import annotations
 
-import heapq
-import json
 import re
-import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Collection, Iterable
 from itertools import chain
 from pathlib import Path
 
+from tokenizer import fileformat, tiktoken_interop
 from tokenizer.errors import (
     DisallowedSpecialTokenError,
     EmptyCorpusError,
     InvalidTokenIdError,
     SpecialTokenError,
     TokenizerError,
-    TokenizerFileError,
     VocabSizeError,
 )
+from tokenizer.learn import learn_merges
+from tokenizer.merge import BYTE, NO_MERGE, byte_pair_merge
 from tokenizer.pretokenize import make_splitter, pattern_name, resolve_pattern
 
-FILE_MAGIC = "bpe-tokenizer"
-FILE_VERSION = 1
-FILE_NAME = "tokenizer.bpe"  # what `save_dir`/`load` use inside a directory
-
-# Special tokens and split patterns of the tiktoken encodings `from_tiktoken` knows by name.
-TIKTOKEN_ENCODINGS = {
-    "r50k_base": ("gpt2", {"<|endoftext|>": 50256}),
-    "cl100k_base": (
-        "gpt4",
-        {
-            "<|endoftext|>": 100257,
-            "<|fim_prefix|>": 100258,
-            "<|fim_middle|>": 100259,
-            "<|fim_suffix|>": 100260,
-            "<|endofprompt|>": 100276,
-        },
-    ),
-    "o200k_base": ("o200k", {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}),
-}
-
-_NO_MERGE = 1 << 62  # rank of a pair that is not in the vocabulary
-_LONG_CHUNK = 256  # chunks longer than this (in bytes) use the heap-based merge loop
 _CACHE_LIMIT = 1 << 20  # the chunk -> ids cache is emptied when it grows past this
-_BYTE = [bytes([b]) for b in range(256)]
 
 
 class BPETokenizer:
@@ -72,7 +53,7 @@ class BPETokenizer:
     """
 
     def __init__(self, pattern: str = "gpt4", special_tokens: dict[str, int] | None = None):
-        self._setup({_BYTE[b]: b for b in range(256)}, resolve_pattern(pattern), special_tokens)
+        self._setup({BYTE[b]: b for b in range(256)}, resolve_pattern(pattern), special_tokens)
         self._merges: dict[tuple[int, int], int] | None = {}
 
     # ----------------------------------------------------------------------------------------
@@ -82,7 +63,7 @@ class BPETokenizer:
         self, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int] | None
     ) -> None:
         """Build every derived table from the ranks, the pattern and the special tokens."""
-        missing = [b for b in range(256) if _BYTE[b] not in ranks]
+        missing = [b for b in range(256) if BYTE[b] not in ranks]
         if missing:
             raise TokenizerError(
                 f"a byte-level vocabulary must contain all 256 single bytes; "
@@ -93,7 +74,7 @@ class BPETokenizer:
         self._ranks = ranks
         # The rank of every two-byte token, indexed by first byte * 256 + second byte: the
         # first step of every merge loop looks up all adjacent byte pairs of a chunk.
-        self._byte_pair_ranks = [_NO_MERGE] * 65536
+        self._byte_pair_ranks = [NO_MERGE] * 65536
         for token, rank in ranks.items():
             if len(token) == 2:
                 self._byte_pair_ranks[token[0] << 8 | token[1]] = rank
@@ -178,7 +159,7 @@ class BPETokenizer:
         num_merges = vocab_size - 256 - len(special_list)
         merge_list = learn_merges(words, freqs, num_merges, progress=progress)
 
-        ranks = {_BYTE[b]: b for b in range(256)}
+        ranks = {BYTE[b]: b for b in range(256)}
         token_bytes = list(ranks)
         merges = {}
         for new_id, (left, right) in enumerate(merge_list, start=256):
@@ -192,58 +173,13 @@ class BPETokenizer:
 
     @classmethod
     def from_tiktoken(cls, encoding_or_name, ranks_file: str | Path | None = None) -> BPETokenizer:
-        """Our tokenizer with a tiktoken encoding's ranks, split pattern and special tokens.
-
-        `encoding_or_name` is a `tiktoken.Encoding` or a name: "cl100k_base", "o200k_base" or
-        "r50k_base". With `ranks_file`, the ranks are read from that local `.tiktoken` file and
-        the pattern and special tokens are tiktoken's for that name; without it, tiktoken loads
-        the encoding itself (which may need its download cache).
-        """
-        import tiktoken
-        import tiktoken.load
-
-        if isinstance(encoding_or_name, str):
-            name = encoding_or_name
-            if ranks_file is not None:
-                if name not in TIKTOKEN_ENCODINGS:
-                    known = ", ".join(TIKTOKEN_ENCODINGS)
-                    raise TokenizerError(f"unknown tiktoken encoding {name!r} (known: {known})")
-                try:
-                    ranks = tiktoken.load.load_tiktoken_bpe(str(ranks_file))
-                except FileNotFoundError:
-                    raise TokenizerFileError(f"rank file not found: {ranks_file}") from None
-                except (OSError, ValueError) as err:
-                    raise TokenizerFileError(f"cannot read rank file {ranks_file}: {err}") from None
-                pattern, specials = TIKTOKEN_ENCODINGS[name]
-                return cls._from_ranks(ranks, pattern, dict(specials), merges=None)
-            try:
-                encoding = tiktoken.get_encoding(name)
-            except Exception as err:
-                raise TokenizerError(
-                    f"tiktoken could not load {name!r} ({err}); pass ranks_file= a local "
-                    f".tiktoken file"
-                ) from None
-        else:
-            encoding = encoding_or_name
-            if not isinstance(encoding, tiktoken.Encoding):
-                raise TypeError(f"expected a tiktoken.Encoding or a name, got {encoding!r}")
-        return cls._from_ranks(
-            dict(encoding._mergeable_ranks),
-            encoding._pat_str,
-            dict(encoding._special_tokens),
-            merges=None,
-        )
+        """Our tokenizer with a tiktoken encoding's ranks, split pattern and special tokens
+        (`tokenizer.tiktoken_interop.from_tiktoken`)."""
+        return tiktoken_interop.from_tiktoken(cls, encoding_or_name, ranks_file)
 
     def to_tiktoken(self, name: str | None = None):
         """A `tiktoken.Encoding` with our ranks, pattern and special tokens (identical ids)."""
-        import tiktoken
-
-        return tiktoken.Encoding(
-            name=name or f"bpe-{self.vocab_size}",
-            pat_str=self.pattern,
-            mergeable_ranks=dict(self._ranks),
-            special_tokens=dict(self.special_tokens),
-        )
+        return tiktoken_interop.to_tiktoken(self, name)
 
     # ----------------------------------------------------------------------------------------
     # The vocabulary
@@ -283,12 +219,12 @@ class BPETokenizer:
             splits = [
                 k
                 for k in range(1, len(token))
-                if get(token[:k], _NO_MERGE) < rank and get(token[k:], _NO_MERGE) < rank
+                if get(token[:k], NO_MERGE) < rank and get(token[k:], NO_MERGE) < rank
             ]
             if len(splits) == 1:
                 parts = [token[: splits[0]], token[splits[0] :]]
             else:
-                parts = _byte_pair_merge(token, get, rank)
+                parts = byte_pair_merge(token, get, rank)
             if len(parts) != 2:
                 raise TokenizerError(
                     f"token {rank} ({token!r}) is not the merge of two lower-ranked tokens"
@@ -418,10 +354,7 @@ class BPETokenizer:
         if rank is not None:
             return [rank]
         ranks = self._ranks
-        if len(piece) > _LONG_CHUNK:
-            parts = _byte_pair_merge_long(piece, ranks.get, _NO_MERGE)
-        else:
-            parts = _byte_pair_merge_short(piece, ranks.get, _NO_MERGE, self._byte_pair_ranks)
+        parts = byte_pair_merge(piece, ranks.get, NO_MERGE, self._byte_pair_ranks)
         return [ranks[part] for part in parts]
 
     # ----------------------------------------------------------------------------------------
@@ -434,48 +367,11 @@ class BPETokenizer:
         or a path without a suffix, which is created). Returns the file's path. The format
         (versioned, line based, UTF-8) is described in tokenizer/README.md.
         """
-        path = Path(path)
-        if path.is_dir() or not path.suffix:
-            path = path / FILE_NAME
-        merges = self.merges
-        lines = [
-            f"{FILE_MAGIC} v{FILE_VERSION}",
-            "# byte-level BPE tokenizer: split pattern, byte tokens, merges, special tokens.",
-            "# merges: new id, left id, right id; the new token's bytes are left's then right's.",
-            f"pattern {json.dumps(self.pattern)}",
-            "bytes 256",
-        ]
-        byte_ids = sorted((self._ranks[_BYTE[b]], b) for b in range(256))
-        lines += [f"{token_id} {b:02x}" for token_id, b in byte_ids]
-        lines.append(f"merges {len(merges)}")
-        for (left, right), new_id in sorted(merges.items(), key=lambda item: item[1]):
-            lines.append(f"{new_id} {left} {right}")
-        lines.append(f"specials {len(self.special_tokens)}")
-        for token, token_id in sorted(self.special_tokens.items(), key=lambda item: item[1]):
-            lines.append(f"{token_id} {json.dumps(token)}")
-        lines.append("end")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        path.with_suffix(".vocab").write_text(self.vocab_listing(), encoding="utf-8")
-        return path
+        return fileformat.write(self, path)
 
     def vocab_listing(self) -> str:
         """One line per token: id, its bytes shown as text, and the pair it was merged from."""
-        made_from = {new_id: pair for pair, new_id in self.merges.items()}
-        lines = ["# id [token] <- [left] [right]   (bytes that are not UTF-8 shown as \\xNN)"]
-        for token_id in sorted(self._decoder):
-            token = self._decoder[token_id]
-            if token_id in self.special_tokens.values():
-                lines.append(f"{token_id} [{render_bytes(token)}] special")
-            elif token_id in made_from:
-                left, right = made_from[token_id]
-                lines.append(
-                    f"{token_id} [{render_bytes(token)}] <- [{render_bytes(self._decoder[left])}]"
-                    f" [{render_bytes(self._decoder[right])}]"
-                )
-            else:
-                lines.append(f"{token_id} [{render_bytes(token)}]")
-        return "\n".join(lines) + "\n"
+        return fileformat.vocab_listing(self)
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
@@ -484,23 +380,7 @@ class BPETokenizer:
         The stored pattern is recompiled and every table rebuilt from the merges; a damaged or
         foreign file raises `TokenizerFileError` naming the line.
         """
-        path = Path(path)
-        if path.is_dir():
-            path = path / FILE_NAME
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise TokenizerFileError(f"tokenizer file not found: {path}") from None
-        except OSError as err:
-            raise TokenizerFileError(f"cannot read tokenizer file {path}: {err.strerror}") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise TokenizerFileError(
-                f"{path} is not a tokenizer file (not UTF-8 text; expected a "
-                f"'{FILE_MAGIC} v{FILE_VERSION}' file written by BPETokenizer.save)"
-            ) from None
-        return _TokenizerFileReader(path, text).read(cls)
+        return fileformat.read(cls, path)
 
 
 class _ChunkCache(dict):
@@ -516,284 +396,6 @@ class _ChunkCache(dict):
             self.clear()
         self[chunk] = ids
         return ids
-
-
-def _byte_pair_merge(piece: bytes, rank_of, limit: int) -> list[bytes]:
-    """Split `piece` into tokens by merging, lowest rank first, pairs ranked below `limit`.
-
-    Among pairs of equal rank the leftmost merges first (this is tiktoken's rule too). Short
-    pieces keep a list of pair ranks and find the best with C-level `min` and `index`;
-    long ones use a heap so that a 100 kB run of one character does not take quadratic time.
-    """
-    if len(piece) > _LONG_CHUNK:
-        return _byte_pair_merge_long(piece, rank_of, limit)
-    return _byte_pair_merge_short(piece, rank_of, limit)
-
-
-def _byte_pair_merge_short(
-    piece: bytes, rank_of, limit: int, byte_pair_ranks: list[int] | None = None
-) -> list[bytes]:
-    """`_byte_pair_merge` in O(n^2) with C-level steps: fastest for the usual short chunk.
-
-    `byte_pair_ranks` (first byte * 256 + second byte -> rank) is an optional faster table
-    for the ranks of the initial byte pairs.
-    """
-    parts = list(map(_BYTE.__getitem__, piece))
-    if byte_pair_ranks is None:
-        pair_ranks = [rank_of(piece[i : i + 2], _NO_MERGE) for i in range(len(piece) - 1)]
-    else:
-        pair_ranks = [byte_pair_ranks[a << 8 | b] for a, b in zip(piece, piece[1:])]
-    while pair_ranks:
-        best = min(pair_ranks)
-        if best >= limit:
-            break
-        i = pair_ranks.index(best)
-        merged = parts[i] + parts.pop(i + 1)
-        parts[i] = merged
-        del pair_ranks[i]
-        if i:
-            pair_ranks[i - 1] = rank_of(parts[i - 1] + merged, _NO_MERGE)
-        if i < len(pair_ranks):
-            pair_ranks[i] = rank_of(merged + parts[i + 1], _NO_MERGE)
-    return parts
-
-
-def _byte_pair_merge_long(piece: bytes, rank_of, limit: int) -> list[bytes]:
-    """`_byte_pair_merge` in O(n log n): a heap of (rank, start) over a linked list of parts."""
-    n = len(piece)
-    end = list(range(1, n + 1))  # end[start] = where the part beginning at `start` ends
-    before = list(range(-1, n - 1))  # before[start] = start of the previous part
-    alive = [True] * n
-    heap = []
-    for i in range(n - 1):
-        rank = rank_of(piece[i : i + 2], _NO_MERGE)
-        if rank < limit:
-            heap.append((rank, i))
-    heapq.heapify(heap)
-    while heap:
-        rank, start = heapq.heappop(heap)
-        if not alive[start] or end[start] >= n:
-            continue
-        stop = end[end[start]]
-        if rank_of(piece[start:stop], _NO_MERGE) != rank:
-            continue  # stale: one of the two parts has grown since this pair was pushed
-        alive[end[start]] = False
-        end[start] = stop
-        if stop < n:
-            before[stop] = start
-            right = rank_of(piece[start : end[stop]], _NO_MERGE)
-            if right < limit:
-                heapq.heappush(heap, (right, start))
-        left_start = before[start]
-        if left_start >= 0:
-            left = rank_of(piece[left_start:stop], _NO_MERGE)
-            if left < limit:
-                heapq.heappush(heap, (left, left_start))
-    parts = []
-    start = 0
-    while start < n:
-        parts.append(piece[start : end[start]])
-        start = end[start]
-    return parts
-
-
-def learn_merges(
-    words: list[list[int]], freqs: list[int], num_merges: int, progress: bool = True
-) -> list[tuple[int, int]]:
-    """Learn up to `num_merges` merges from distinct chunks (`words`, as byte lists) and counts.
-
-    Sennrich et al.'s Algorithm 1 recounts every pair of the corpus after each merge. Here each
-    distinct chunk is stored once with its frequency, pair counts are kept in a dict and updated
-    only in the chunks that contain the merged pair (an index pair -> chunks finds them), and a
-    heap finds the most frequent pair. Heap entries are never updated in place: an entry whose
-    count is out of date is pushed back with the current count when it reaches the top (counts
-    of existing pairs only ever fall; pairs with the new token are pushed when they appear).
-
-    Tie-breaking: the pair with the highest count wins; among equal counts, the pair with the
-    smallest (left id, right id) wins, comparing left ids first. The result is deterministic
-    and independent of the order of the corpus. Words are modified in place.
-    """
-    first_id = 256
-    shift = (first_id + num_merges).bit_length()  # a pair is one int: left << shift | right
-    mask = (1 << shift) - 1
-    counts: defaultdict[int, int] = defaultdict(int)
-    where: defaultdict[int, set[int]] = defaultdict(set)
-    for w, (ids, freq) in enumerate(zip(words, freqs)):
-        for left, right in zip(ids, ids[1:]):
-            key = left << shift | right
-            counts[key] += freq
-            where[key].add(w)
-    heap = [(-count, key) for key, count in counts.items()]
-    heapq.heapify(heap)
-
-    from tqdm import tqdm
-
-    merges: list[tuple[int, int]] = []
-    with tqdm(total=num_merges, desc="merges", unit="merge", disable=not progress) as bar:
-        for new in range(first_id, first_id + num_merges):
-            # The most frequent pair: pop entries until one is up to date.
-            while heap:
-                negative_count, key = heap[0]
-                count = counts.get(key, 0)
-                if count == -negative_count:
-                    heapq.heappop(heap)
-                    break
-                if count:
-                    heapq.heapreplace(heap, (-count, key))
-                else:
-                    heapq.heappop(heap)
-            else:
-                break  # no pair left anywhere: every chunk is a single token
-            a, b = key >> shift, key & mask
-            merges.append((a, b))
-            del counts[key]
-
-            # Replace a b by `new` in every chunk that has it, noting how pair counts change:
-            # x a b y loses (x, a) and (b, y) and gains (x, new) and (new, y).
-            delta: defaultdict[int, int] = defaultdict(int)
-            new_left = new << shift
-            for w in where.pop(key):
-                ids = words[w]
-                freq = freqs[w]
-                last = len(ids) - 1
-                i = 0
-                while i < last:
-                    if ids[i] == a and ids[i + 1] == b:
-                        if i:
-                            x = ids[i - 1] << shift
-                            delta[x | a] -= freq
-                            delta[x | new] += freq
-                            where[x | new].add(w)
-                        if i + 1 < last:
-                            y = ids[i + 2]
-                            delta[b << shift | y] -= freq
-                            delta[new_left | y] += freq
-                            where[new_left | y].add(w)
-                        ids[i : i + 2] = (new,)
-                        last -= 1
-                    i += 1
-            for changed, change in delta.items():
-                if not change or changed == key:
-                    continue
-                count = counts[changed] + change
-                if count:
-                    counts[changed] = count
-                    if changed >> shift == new or changed & mask == new:
-                        heapq.heappush(heap, (-count, changed))  # a pair seen for the first time
-                else:
-                    del counts[changed]
-            bar.update()
-    return merges
-
-
-class _TokenizerFileReader:
-    """Parses a `save`d file line by line, naming the line in every error."""
-
-    def __init__(self, path: Path, text: str):
-        self.path = path
-        self.lines = text.splitlines()
-        self.number = 0  # 1-based number of the line last returned
-        self.seen: set[bytes] = set()  # bytes of every token defined so far
-
-    def fail(self, message: str) -> TokenizerFileError:
-        return TokenizerFileError(f"{self.path} line {self.number}: {message}")
-
-    def next_line(self, what: str) -> str:
-        while self.number < len(self.lines):
-            line = self.lines[self.number]
-            self.number += 1
-            if not line.startswith("#"):
-                return line
-        self.number = len(self.lines) + 1
-        raise self.fail(f"file ends early: expected {what} (truncated file?)")
-
-    def fields(self, what: str, count: int) -> list[str]:
-        line = self.next_line(what)
-        parts = line.split(" ", count - 1)
-        if len(parts) != count:
-            raise self.fail(f"expected {what}, got {line[:80]!r}")
-        return parts
-
-    def integer(self, text: str, what: str) -> int:
-        if not re.fullmatch(r"\d+", text):
-            raise self.fail(f"expected {what} (a non-negative integer), got {text[:80]!r}")
-        return int(text)
-
-    def section(self, name: str) -> int:
-        keyword, count = self.fields(f"'{name} <count>'", 2)
-        if keyword != name:
-            raise self.fail(f"expected the '{name} <count>' section, got {keyword[:80]!r}")
-        return self.integer(count, f"the number of {name}")
-
-    def read(self, cls):
-        first = self.next_line("the header") if self.lines else ""
-        header = f"{FILE_MAGIC} v{FILE_VERSION}"
-        if first != header:
-            if first.startswith(FILE_MAGIC + " v"):
-                raise self.fail(
-                    f"unsupported format version {first[len(FILE_MAGIC) + 1 :]!r}; this code "
-                    f"reads v{FILE_VERSION}"
-                )
-            raise self.fail(
-                f"not a tokenizer file: expected the header {header!r}, got {first[:80]!r}"
-            )
-        keyword, pattern_json = self.fields("'pattern \"<regex>\"'", 2)
-        if keyword != "pattern":
-            raise self.fail(f"expected 'pattern \"<regex>\"', got {keyword[:80]!r}")
-        try:
-            pattern = json.loads(pattern_json)
-            if not isinstance(pattern, str):
-                raise ValueError
-            pattern = resolve_pattern(pattern)
-        except ValueError as err:
-            detail = f": {err}" if isinstance(err, TokenizerError) else ""
-            raise self.fail(f"the pattern is not a valid JSON string regex{detail}") from None
-
-        token_bytes: dict[int, bytes] = {}
-        if self.section("bytes") != 256:
-            raise self.fail("a byte-level tokenizer has exactly 256 byte tokens")
-        for _ in range(256):
-            token_id, value = self.fields("'<id> <byte in hex>'", 2)
-            token_id = self.integer(token_id, "a token id")
-            if not re.fullmatch(r"[0-9a-f]{2}", value):
-                raise self.fail(f"expected a byte as two hex digits, got {value[:80]!r}")
-            self.add(token_bytes, token_id, bytes([int(value, 16)]))
-        merges = {}
-        for _ in range(self.section("merges")):
-            new_id, left, right = self.fields("'<new id> <left id> <right id>'", 3)
-            new_id = self.integer(new_id, "the new id")
-            left = self.integer(left, "the left id")
-            right = self.integer(right, "the right id")
-            for part in (left, right):
-                if part not in token_bytes:
-                    raise self.fail(f"merge uses id {part}, which is not defined above this line")
-            self.add(token_bytes, new_id, token_bytes[left] + token_bytes[right])
-            merges[(left, right)] = new_id
-        specials = {}
-        for _ in range(self.section("specials")):
-            token_id, token_json = self.fields("'<id> \"<special token>\"'", 2)
-            token_id = self.integer(token_id, "a special token id")
-            try:
-                token = json.loads(token_json)
-            except ValueError:
-                token = None
-            if not isinstance(token, str) or not token:
-                raise self.fail(f"expected a special token as a JSON string, got {token_json!r}")
-            if token_id in token_bytes or token_id in specials.values() or token in specials:
-                raise self.fail(f"special token {token!r} (id {token_id}) repeats")
-            specials[token] = token_id
-        if self.next_line("'end'") != "end":
-            raise self.fail("expected 'end' after the special tokens")
-        ranks = {token: token_id for token_id, token in token_bytes.items()}
-        return cls._from_ranks(ranks, pattern, specials, merges)
-
-    def add(self, token_bytes: dict[int, bytes], token_id: int, token: bytes) -> None:
-        if token_id in token_bytes:
-            raise self.fail(f"id {token_id} is defined twice")
-        if token in self.seen:
-            raise self.fail(f"token {token!r} (id {token_id}) repeats an earlier token's bytes")
-        self.seen.add(token)
-        token_bytes[token_id] = token
 
 
 def _special_regex(tokens: Iterable[str]) -> re.Pattern:
@@ -813,14 +415,3 @@ def _hashable_in(value, table: dict) -> bool:
         return value in table
     except TypeError:
         return False
-
-
-def render_bytes(token: bytes) -> str:
-    """Token bytes as readable text: UTF-8 where valid, `\\xNN` otherwise, controls escaped."""
-    text = token.decode("utf-8", errors="backslashreplace")
-    return "".join(
-        ch.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(ch)[0] == "C" and ch != "\\"
-        else ch
-        for ch in text
-    )

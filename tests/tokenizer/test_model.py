@@ -17,41 +17,12 @@ from tokenizer import (
     VocabSizeError,
     embedded_corpus,
 )
-from tokenizer.model import (
-    _byte_pair_merge,
-    _byte_pair_merge_long,
-    _byte_pair_merge_short,
-    learn_merges,
-)
+from tokenizer.learn import learn_merges, naive_merges
+from tokenizer.merge import _byte_pair_merge_long, _byte_pair_merge_short
+from tokenizer.merge import byte_pair_merge as _byte_pair_merge
 from tokenizer.pretokenize import PATTERNS, make_splitter
 
 CORPUS = embedded_corpus()
-
-
-def naive_merges(text: str, num_merges: int, pattern: str) -> list[tuple[int, int]]:
-    """Sennrich et al.'s Algorithm 1 as written (minbpe style): recount every pair of every
-    chunk after each merge. Ties go to the smallest (left, right) pair, as documented."""
-    chunks = [list(chunk.encode("utf-8")) for chunk in make_splitter(pattern)(text)]
-    merges = []
-    for new_id in range(256, 256 + num_merges):
-        counts = Counter()
-        for ids in chunks:
-            counts.update(zip(ids, ids[1:]))
-        if not counts:
-            break
-        best = max(counts, key=lambda pair: (counts[pair], -pair[0], -pair[1]))
-        merges.append(best)
-        for index, ids in enumerate(chunks):
-            merged, i = [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and (ids[i], ids[i + 1]) == best:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(ids[i])
-                    i += 1
-            chunks[index] = merged
-    return merges
 
 
 @pytest.fixture(scope="module")
