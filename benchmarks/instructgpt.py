@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 from instructgpt.checkpoints import load_policy  # noqa: E402
 from instructgpt.data import corpus_text, read_rankings, task_demonstrations  # noqa: E402
 from instructgpt.dpo import DPOConfig, preference_accuracy, ranking_pairs, train_dpo  # noqa: E402
-from instructgpt.task_tokenizer import TaskTokenizer  # noqa: E402
 from xllama import Llama, LlamaConfig, generate  # noqa: E402
+from xllama.tokenization import BPE  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # 1. rollouts
@@ -82,7 +82,7 @@ def bench_rollouts(model, tokenizer, batch, new_tokens, repeats=3):
 # 2. DPO vs TRL
 
 
-def hf_tokenizer(task_tokenizer: TaskTokenizer):
+def hf_tokenizer(task_tokenizer: BPE):
     """Our BPE tokenizer behind the `PreTrainedTokenizer` interface TRL expects (same ids)."""
     from transformers import PreTrainedTokenizer
 
@@ -188,7 +188,7 @@ def fresh_policy(directory: Path) -> Path:
     from instructgpt.checkpoints import model_config
     from transformer.training import save_checkpoint
 
-    tokenizer = TaskTokenizer.train(corpus_text(), 1024)
+    tokenizer = BPE.train(corpus_text(), 1024, progress=False)
     torch.manual_seed(0)
     model = Llama(LlamaConfig(dim=96, n_layers=3, n_heads=4, vocab_size=tokenizer.vocab_size,
                               multiple_of=32, max_seq_len=64))  # fmt: skip

@@ -36,7 +36,6 @@ from .losses import (
     whiten,
 )
 from .model import RewardModel, sample_responses, sequence_logprobs, sft_loss
-from .task_tokenizer import TaskTokenizer
 
 __all__ = [
     "AdaptiveKLController",
@@ -47,7 +46,6 @@ __all__ = [
     "InstructGPTError",
     "Ranking",
     "RewardModel",
-    "TaskTokenizer",
     "clipped_surrogate_loss",
     "clipped_value_loss",
     "collate",

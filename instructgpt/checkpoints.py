@@ -12,10 +12,11 @@ from pathlib import Path
 
 from transformer.training import find_checkpoint, load_weights, read_config
 from xllama import Llama, LlamaConfig
+from xllama.tokenization import BPE
 
 from .data import InstructGPTError
 from .model import RewardModel
-from .task_tokenizer import TaskTokenizer, find_tokenizer
+from .task_tokenizer import find_tokenizer, load_task_tokenizer
 
 
 def _llama_config(checkpoint: Path, kind: str | None) -> tuple[LlamaConfig, str]:
@@ -38,7 +39,7 @@ def _llama_config(checkpoint: Path, kind: str | None) -> tuple[LlamaConfig, str]
     )
 
 
-def load_policy(path: Path, device=None) -> tuple[Llama, TaskTokenizer, Path]:
+def load_policy(path: Path, device=None) -> tuple[Llama, BPE, Path]:
     """A language model (base, SFT, PPO or DPO policy) and its tokenizer from a run or checkpoint
     directory. Returns (model, tokenizer, checkpoint directory)."""
     path = Path(path)
@@ -48,15 +49,15 @@ def load_policy(path: Path, device=None) -> tuple[Llama, TaskTokenizer, Path]:
     config, _ = _llama_config(checkpoint, "policy")
     model = Llama(config)
     load_weights(checkpoint, model)
-    return model.to(device or "cpu"), TaskTokenizer.load(find_tokenizer(checkpoint)), checkpoint
+    return model.to(device or "cpu"), load_task_tokenizer(find_tokenizer(checkpoint)), checkpoint
 
 
-def load_reward_model(path: Path, device=None) -> tuple[RewardModel, TaskTokenizer, Path]:
+def load_reward_model(path: Path, device=None) -> tuple[RewardModel, BPE, Path]:
     checkpoint = find_checkpoint(Path(path))
     config, _ = _llama_config(checkpoint, "reward")
     model = RewardModel(config)
     load_weights(checkpoint, model)
-    return model.to(device or "cpu"), TaskTokenizer.load(find_tokenizer(checkpoint)), checkpoint
+    return model.to(device or "cpu"), load_task_tokenizer(find_tokenizer(checkpoint)), checkpoint
 
 
 def model_config(kind: str, config: LlamaConfig) -> dict:

@@ -201,7 +201,7 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int, side: str = "ri
     return Batch(tokens, attention, response)
 
 
-class CharTokenizer:
+class ByteTokenizer:
     """Bytes as tokens, plus an end-of-sequence id: for tests and as a dependency-free fallback."""
 
     def __init__(self):

@@ -49,6 +49,7 @@ from transformer.training import (
     warmup_cosine,
 )
 from xllama import Llama, LlamaConfig
+from xllama.tokenization import BPE
 
 from .batches import rank_slice
 from .checkpoints import load_policy, model_config
@@ -60,7 +61,7 @@ from .ppo import PPOConfig, train_ppo
 from .reward import RewardConfig, make_task_rankings, split_heldout, train_reward
 from .sft import SFTConfig, train_sft
 from .stage import check_k, ddp, optimizer_step
-from .task_tokenizer import TOKENIZER_FILE, TaskTokenizer
+from .task_tokenizer import load_task_tokenizer
 
 
 @dataclass
@@ -161,9 +162,9 @@ def pretrain(
     text = corpus_text()
     claim_run_directory(out, overwrite=True, dist=dist)  # an unfinished pretraining starts over
     if dist.is_main:
-        TaskTokenizer.train(text, config.vocab_size).save(out)
+        BPE.train(text, config.vocab_size, progress=False).save(out)
     dist.barrier()
-    tokenizer = TaskTokenizer.load(out / TOKENIZER_FILE)
+    tokenizer = load_task_tokenizer(out)
     ids = torch.tensor(tokenizer.encode(text))
     llama = config.llama(tokenizer.vocab_size)
     seed_everything(seed)

@@ -23,9 +23,9 @@ from transformer.training import (
     setup_distributed,
 )
 from xllama import LlamaConfig
+from xllama.tokenization import BPE
 
 from .checkpoints import model_config
-from .task_tokenizer import TaskTokenizer
 
 
 def check_k(config) -> None:
@@ -72,7 +72,7 @@ def start_run(
     model: torch.nn.Module,
     kind: str,
     llama: LlamaConfig,
-    tokenizer: TaskTokenizer,
+    tokenizer: BPE,
     dist: Distributed,
     device: torch.device,
     lr: float,

@@ -128,7 +128,7 @@ class WordVocabulary:
         return cls(sorted({w for text in texts for w in text.split()}))
 
     @property
-    def size(self) -> int:
+    def vocab_size(self) -> int:
         return len(SPECIAL_TOKENS) + len(self.words)
 
     def encode(self, text: str) -> list[int]:
@@ -163,7 +163,7 @@ class BPEVocabulary:
         return cls(BPETokenizer.train(texts, vocab_size, progress=False))
 
     @property
-    def size(self) -> int:
+    def vocab_size(self) -> int:
         return len(SPECIAL_TOKENS) + self.bpe.vocab_size
 
     def encode(self, text: str) -> list[int]:

@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     vocab = build_vocabulary(args, config, train_src + train_tgt, dist, args.out)
     train = encode_pairs(vocab, train_src, train_tgt, config.max_sentence_tokens)
     valid = encode_pairs(vocab, valid_src, valid_tgt)
-    model_config = replace(model_config, vocab_size=vocab.size)
+    model_config = replace(model_config, vocab_size=vocab.vocab_size)
 
     torch.manual_seed(args.seed)  # identical initial weights on every process
     model = Transformer(model_config).to(device)
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     run.write(
         f"transformer: {preset} config, {n_params / 1e6:.2f}M parameters, vocabulary "
-        f"{vocab.size} ({vocab.kind}), {len(train)} training / {len(valid)} validation pairs, "
+        f"{vocab.vocab_size} ({vocab.kind}), {len(train)} training / {len(valid)} validation pairs, "
         f"device {device}, {dist.world_size} process(es)"
     )
     trained = model

@@ -12,10 +12,13 @@ config stores so `xllama.generate` can rebuild the tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from .model import XLlamaError
+
+FILE_NAME = "tokenizer.bpe"  # tokenizer.fileformat.FILE_NAME, without importing the tokenizer
 
 
 class CharTokenizer:
@@ -52,15 +55,27 @@ class CharTokenizer:
         return {"kind": "char", "chars": self.chars}
 
 
+EOS = "<|endoftext|>"
+
+
 class BPE:
-    """Our byte-level BPE (`tokenizer.BPETokenizer`), stored as a file next to the run."""
+    """Our byte-level BPE (`tokenizer.BPETokenizer`) with `<|endoftext|>` as end of sequence,
+    stored as `tokenizer.bpe` next to a run: the tokenizer of xllama's runs and of every
+    instructgpt model. Text is always encoded as ordinary text (an "<|endoftext|>" written in a
+    prompt stays text), and decoding leaves the end-of-sequence token out."""
 
     kind = "bpe"
     bos_id = None
 
-    def __init__(self, bpe, file: str | None = None):
-        self.bpe, self.file = bpe, file
-        self.eos_id = bpe.special_tokens.get("<|endoftext|>") if _has_specials(bpe) else None
+    def __init__(self, bpe, path: Path | None = None):
+        self.bpe = bpe
+        self.path = None if path is None else Path(path)
+        self.eos_id = bpe.special_tokens.get(EOS) if _has_specials(bpe) else None
+
+    @property
+    def file(self) -> str | None:
+        """The file's name, which a checkpoint's config records (found beside the run)."""
+        return None if self.path is None else self.path.name
 
     @staticmethod
     def tokenizer_class():
@@ -73,17 +88,20 @@ class BPE:
         return BPETokenizer
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> BPE:
-        bpe = cls.tokenizer_class().train(text, vocab_size, special_tokens=["<|endoftext|>"])
+    def train(cls, text: str, vocab_size: int, progress: bool = True) -> BPE:
+        bpe = cls.tokenizer_class().train(text, vocab_size, special_tokens=[EOS], progress=progress)
         return cls(bpe)
 
     @classmethod
     def load(cls, path: Path) -> BPE:
-        return cls(cls.tokenizer_class().load(path), Path(path).name)
+        """From a `tokenizer.bpe` file, or a directory holding one."""
+        path = Path(path)
+        return cls(cls.tokenizer_class().load(path), path if path.is_file() else path / FILE_NAME)
 
-    def save(self, path: Path) -> None:
-        self.bpe.save(path)
-        self.file = Path(path).name
+    def save(self, path: Path) -> Path:
+        """To a file, or to `tokenizer.bpe` in a directory; returns the file's path."""
+        self.path = self.bpe.save(path)
+        return self.path
 
     @property
     def vocab_size(self) -> int:
@@ -93,7 +111,17 @@ class BPE:
         return self.bpe.encode_ordinary(text)
 
     def decode(self, ids) -> str:
-        return self.bpe.decode(list(ids))
+        return self.bpe.decode([i for i in ids if i != self.eos_id])
+
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary: two models can share data only if these agree."""
+        h = hashlib.sha256()
+        for i in range(self.vocab_size):
+            try:
+                h.update(self.bpe.token_bytes(i) + b"\0")
+            except Exception:  # ids the vocabulary skips
+                h.update(b"\1")
+        return h.hexdigest()[:16]
 
     def spec(self) -> dict:
         return {"kind": "bpe", "file": self.file}

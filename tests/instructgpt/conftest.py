@@ -7,15 +7,15 @@ import torch
 
 from instructgpt.checkpoints import model_config
 from instructgpt.data import corpus_text
-from instructgpt.task_tokenizer import TaskTokenizer
 from transformer.training import save_checkpoint
 from xllama import Llama, LlamaConfig
+from xllama.tokenization import BPE
 
 TINY = dict(dim=32, n_layers=1, n_heads=2, multiple_of=16, max_seq_len=64)
 
 
 def make_base(path, vocab_size=300, seed=0):
-    tokenizer = TaskTokenizer.train(corpus_text()[:20000], vocab_size)
+    tokenizer = BPE.train(corpus_text()[:20000], vocab_size, progress=False)
     torch.manual_seed(seed)
     model = Llama(LlamaConfig(vocab_size=tokenizer.vocab_size, **TINY))
     save_checkpoint(

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from instructgpt.data import (
-    CharTokenizer,
+    ByteTokenizer,
     DataError,
     GoldLabeler,
     collate,
@@ -60,7 +60,7 @@ def test_sft_line_missing_response(tmp_path):
 
 
 def test_collate_marks_response_tokens_on_either_side():
-    tok = CharTokenizer()
+    tok = ByteTokenizer()
     a, b = encode_pair(tok, "ab", "cde", 64), encode_pair(tok, "x", "y", 64)
     assert a == ([97, 98, 99, 100, 101, 256], 2)
     right, left = collate([a, b], 0, "right"), collate([a, b], 0, "left")

@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from instructgpt.data import CharTokenizer, collate, encode_pair
+from instructgpt.data import ByteTokenizer, collate, encode_pair
 from instructgpt.dpo import pair_logprobs
 from instructgpt.model import RewardModel, sequence_logprobs, sft_loss
 from instructgpt.ppo import PPOConfig, make_rollout, ppo_update
@@ -25,7 +25,7 @@ def _seq_logprob(model, sequences, side):
 
 
 def test_padding_side_and_batch_composition_leave_sequence_logprobs_unchanged():
-    model, tok = _llama(), CharTokenizer()
+    model, tok = _llama(), ByteTokenizer()
     a = encode_pair(tok, "The value", " is new.", 64)
     b = encode_pair(tok, "An object of a longer prompt", " x", 64)
     c = encode_pair(tok, "Q", " a much longer response than the others", 64)
@@ -42,7 +42,7 @@ def test_padding_side_and_batch_composition_leave_sequence_logprobs_unchanged():
 
 
 def test_prompt_tokens_carry_no_sft_loss():
-    model, tok = _llama(), CharTokenizer()
+    model, tok = _llama(), ByteTokenizer()
     batch = collate(
         [encode_pair(tok, "prompt text", " reply", 64), encode_pair(tok, "p", " r", 64)], 0
     )
@@ -64,7 +64,7 @@ def test_prompt_tokens_carry_no_sft_loss():
 def test_reward_model_reads_last_token_and_normalises():
     model = RewardModel.from_language_model(_llama())
     torch.nn.init.normal_(model.head.weight)
-    tok = CharTokenizer()
+    tok = ByteTokenizer()
     seqs = [encode_pair(tok, "a prompt", " one", 64), encode_pair(tok, "b", " two words", 64)]
     right, left = collate(seqs, 0, "right"), collate(seqs, 0, "left")
     r = model.score(right.tokens, right.attention_mask)
@@ -81,7 +81,7 @@ def test_reward_model_reads_last_token_and_normalises():
 def test_dpo_loss_is_log2_on_a_real_model_when_policy_is_reference():
     from instructgpt.losses import dpo_loss
 
-    model, tok = _llama(), CharTokenizer()
+    model, tok = _llama(), ByteTokenizer()
     pairs = [("The value", " is new.", " is not."), ("A", " b", " c d")]
     pc, pr = pair_logprobs(model, tok, pairs, 64, "cpu")
     rc, rr = pair_logprobs(copy.deepcopy(model), tok, pairs, 64, "cpu")
