@@ -10,7 +10,7 @@ import transformer.training  # noqa: F401
 
 # isort: split
 from .model import (
-    CONFIGS,
+    LLAMA2,
     Cache,
     Llama,
     LlamaConfig,
@@ -26,7 +26,7 @@ from .model import (
 from .sampling import left_pad, sample_next, token_logprobs
 
 __all__ = [
-    "CONFIGS",
+    "LLAMA2",
     "Cache",
     "Llama",
     "LlamaConfig",

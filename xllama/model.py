@@ -136,72 +136,9 @@ class LlamaConfig:
         return config_from_dict(cls, d, where)
 
 
-CONFIGS: dict[str, LlamaConfig] = {
-    # Tests: a few thousand parameters.
-    "tiny": LlamaConfig(
-        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=64
-    ),
-    # Trains on a laptop CPU in minutes (the default of xllama.train: BPE on the embedded corpus).
-    "small": LlamaConfig(
-        dim=192,
-        n_layers=4,
-        n_heads=6,
-        n_kv_heads=2,
-        vocab_size=2048,
-        multiple_of=32,
-        max_seq_len=128,
-    ),  # fmt: skip
-    # Tiny Shakespeare, characters, 3 minutes of CPU (compare nanoGPT's shakespeare_char CPU run).
-    "shakespeare-char": LlamaConfig(
-        dim=128,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=4,
-        vocab_size=65,
-        multiple_of=32,
-        max_seq_len=64,
-    ),  # fmt: skip
-    # Tiny Shakespeare with our BPE (vocabulary 512), same budget.
-    "shakespeare-bpe": LlamaConfig(
-        dim=128,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=4,
-        vocab_size=512,
-        multiple_of=32,
-        max_seq_len=64,
-    ),  # fmt: skip
-    # The two configs of benchmarks/xllama.py (4.9M and 31.6M parameters).
-    "bench-4.9m": LlamaConfig(
-        dim=256,
-        n_layers=4,
-        n_heads=8,
-        n_kv_heads=2,
-        vocab_size=4096,
-        multiple_of=16,
-        max_seq_len=512,
-    ),  # fmt: skip
-    "bench-31.6m": LlamaConfig(
-        dim=512,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=4,
-        vocab_size=8192,
-        multiple_of=32,
-        max_seq_len=512,
-    ),  # fmt: skip
-    # GPT-2 small's size (124M with GPT-2's vocabulary), for GPU runs.
-    "gpt2-124m": LlamaConfig(
-        dim=768,
-        n_layers=12,
-        n_heads=12,
-        n_kv_heads=12,
-        vocab_size=50304,
-        multiple_of=256,
-        max_seq_len=1024,
-        tie_embeddings=True,
-    ),  # fmt: skip
-    # Llama 2 shapes (Touvron et al. 2023, Table 1): 6.74B, 13.0B, 69.0B parameters.
+LLAMA2: dict[str, LlamaConfig] = {
+    # Llama 2's published shapes (Touvron et al. 2023, Table 1): 6.74B, 13.0B, 69.0B parameters.
+    # Training presets (model and training values together) are `xllama.train.PRESETS`.
     "llama2-7b": LlamaConfig(),
     "llama2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40),
     "llama2-70b": LlamaConfig(
@@ -211,10 +148,10 @@ CONFIGS: dict[str, LlamaConfig] = {
 
 
 def get_config(name: str, **overrides) -> LlamaConfig:
-    """A named preset (see `CONFIGS`), with optional field overrides."""
-    if name not in CONFIGS:
-        raise XLlamaError(f"unknown config {name!r}; choose one of: {', '.join(CONFIGS)}")
-    return replace(CONFIGS[name], **overrides)
+    """One of Llama 2's shapes (`LLAMA2`), with optional field overrides."""
+    if name not in LLAMA2:
+        raise XLlamaError(f"unknown Llama 2 shape {name!r}; choose one of: {', '.join(LLAMA2)}")
+    return replace(LLAMA2[name], **overrides)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -701,24 +638,3 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     )
     n += config.dim * config.vocab_size
     return 6 * n + 12 * config.n_layers * config.dim * seq_len
-
-
-__all__ = [
-    "CONFIGS",
-    "Cache",
-    "FeedForward",
-    "Llama",
-    "LlamaConfig",
-    "RMSNorm",
-    "RollingKVCache",
-    "Rotary",
-    "TokenDecoder",
-    "TransformerBlock",
-    "XLlamaError",
-    "apply_rope",
-    "count_params_meta",
-    "flops_per_token",
-    "get_config",
-    "loss_fn",
-    "rope_tables",
-]

@@ -36,9 +36,11 @@ from transformer.training import (
     autocast,
     check_config,
     checkpoint_step,
+    choose_preset,
     claim_run_directory,
     dataclass_from_args,
     find_checkpoint,
+    preset_flags,
     run_command,
     seed_everything,
     select_dtype,
@@ -47,7 +49,7 @@ from transformer.training import (
 )
 
 from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
-from .model import CONFIGS, Llama, LlamaConfig, XLlamaError, flops_per_token, get_config, loss_fn
+from .model import Llama, LlamaConfig, XLlamaError, flops_per_token, loss_fn
 from .sampling import generate
 from .tokenization import BPE, CharTokenizer, load_tokenizer
 
@@ -110,52 +112,121 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
 
-# Training settings that go with a named model config (flags still override them).
-TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(
-        steps=20, batch_size=4, warmup_steps=2, eval_every=10, eval_batches=2, sample_tokens=20
+@dataclass(frozen=True)
+class Preset:
+    """A named preset (`--config NAME`): one record of the model's shape and its training values.
+    Flags override single fields; `--help` shows the values of the preset chosen."""
+
+    model: LlamaConfig
+    train: TrainConfig
+
+
+PRESETS: dict[str, Preset] = {
+    # Tests: a few thousand parameters, seconds.
+    "tiny": Preset(
+        LlamaConfig(
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=256,
+            multiple_of=16,
+            max_seq_len=64,
+        ),
+        TrainConfig(
+            steps=20, batch_size=4, warmup_steps=2, eval_every=10, eval_batches=2, sample_tokens=20
+        ),
     ),
-    "small": TrainConfig(
-        steps=2000,
-        batch_size=8,
-        lr=2e-3,
-        min_lr=2e-4,
-        warmup_steps=50,
-        time_limit=4.0,
-        eval_every=100,
-        eval_batches=10,
-    ),  # fmt: skip
-    "shakespeare-char": TrainConfig(
-        steps=5000,
-        batch_size=12,
-        lr=2e-3,
-        min_lr=2e-4,
-        warmup_steps=100,
-        time_limit=3.0,
-        weight_decay=0.1,
-        eval_every=500,
-        sample_tokens=300,
-    ),  # fmt: skip
-    "shakespeare-bpe": TrainConfig(
-        steps=5000,
-        batch_size=12,
-        lr=2e-3,
-        min_lr=2e-4,
-        warmup_steps=100,
-        time_limit=3.0,
-        eval_every=500,
-        sample_tokens=200,
-    ),  # fmt: skip
-    "gpt2-124m": TrainConfig(
-        steps=5000,
-        batch_size=64,
-        grad_accum=1,
-        lr=6e-4,
-        min_lr=6e-5,
-        warmup_steps=200,
-        eval_every=500,
-        checkpoint_every=1000,
-    ),  # fmt: skip
+    # The default (`python -m xllama.train`): BPE on the embedded corpus, a few CPU minutes.
+    "small": Preset(
+        LlamaConfig(
+            dim=192,
+            n_layers=4,
+            n_heads=6,
+            n_kv_heads=2,
+            vocab_size=2048,
+            multiple_of=32,
+            max_seq_len=128,
+        ),
+        TrainConfig(
+            steps=2000,
+            batch_size=8,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_steps=50,
+            time_limit=4.0,
+            eval_every=100,
+            eval_batches=10,
+        ),
+    ),
+    # Tiny Shakespeare, characters, 3 minutes of CPU (nanoGPT's shakespeare_char CPU run).
+    "shakespeare-char": Preset(
+        LlamaConfig(
+            dim=128,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=4,
+            vocab_size=65,
+            multiple_of=32,
+            max_seq_len=64,
+        ),
+        TrainConfig(
+            steps=5000,
+            batch_size=12,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_steps=100,
+            time_limit=3.0,
+            weight_decay=0.1,
+            eval_every=500,
+            sample_tokens=300,
+        ),
+    ),
+    # Tiny Shakespeare with our BPE (vocabulary 512), the same budget.
+    "shakespeare-bpe": Preset(
+        LlamaConfig(
+            dim=128,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=4,
+            vocab_size=512,
+            multiple_of=32,
+            max_seq_len=64,
+        ),
+        TrainConfig(
+            steps=5000,
+            batch_size=12,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_steps=100,
+            time_limit=3.0,
+            eval_every=500,
+            sample_tokens=200,
+        ),
+    ),
+    # GPT-2 small's size (124M with GPT-2's vocabulary), for GPU runs.
+    "gpt2-124m": Preset(
+        LlamaConfig(
+            dim=768,
+            n_layers=12,
+            n_heads=12,
+            n_kv_heads=12,
+            vocab_size=50304,
+            multiple_of=256,
+            max_seq_len=1024,
+            tie_embeddings=True,
+        ),
+        TrainConfig(
+            steps=5000,
+            batch_size=64,
+            grad_accum=1,
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=200,
+            eval_every=500,
+            checkpoint_every=1000,
+        ),
+    ),
 }
 
 # Peak dense bf16 tensor-core FLOP/s, for the MFU column on GPUs we know.
@@ -188,7 +259,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.op
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
+    """The flags; `preset` (default: small) supplies the defaults `--help` shows."""
+    preset = preset or PRESETS["small"]
     parser = CommandParser(
         prog="xllama.train",
         description=__doc__.split("\n\n")[0],
@@ -216,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default="small",
-        help=f"model preset: {', '.join(CONFIGS)}; its training defaults too (default: small)",
+        help=f"preset of model and training values: {', '.join(PRESETS)} (default: small)",
     )
-    add_dataclass_arguments(parser, LlamaConfig, "model (overrides the preset)")
-    add_dataclass_arguments(parser, TrainConfig, "training (overrides the preset)")
+    add_dataclass_arguments(parser, LlamaConfig, "model (the preset's values; flags override)",
+                            preset.model)  # fmt: skip
+    add_dataclass_arguments(parser, TrainConfig, "training (the preset's values; flags override)",
+                            preset.train)  # fmt: skip
     add_common_arguments(parser, training=True)
     return parser
 
@@ -255,12 +330,10 @@ def prepare_data(args, out: Path, resume: Path | None, dist, model_vocab: int):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    preset = get_config(args.config)
-    train_cfg = dataclass_from_args(
-        TrainConfig, args, base=TRAIN_PRESETS.get(args.config, TrainConfig())
-    )
-    model_cfg = dataclass_from_args(LlamaConfig, args, base=preset)
+    preset = choose_preset(PRESETS, preset_flags(argv, config="small").config)
+    args = build_parser(preset).parse_args(argv)
+    train_cfg = dataclass_from_args(TrainConfig, args, base=preset.train)
+    model_cfg = dataclass_from_args(LlamaConfig, args, base=preset.model)
     if args.out is None:
         raise XLlamaError("--out DIR is required: the run directory to write into")
     if train_cfg.batch_size < 1 or train_cfg.grad_accum < 1:

@@ -196,10 +196,10 @@ def test_learning_rate_schedule_warmup_then_cosine():
 
 
 def test_weight_decay_only_on_matrices():
-    from xllama import Llama, get_config
-    from xllama.train import make_optimizer
+    from xllama import Llama
+    from xllama.train import PRESETS, make_optimizer
 
-    model = Llama(get_config("tiny"))
+    model = Llama(PRESETS["tiny"].model)
     opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1

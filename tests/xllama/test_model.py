@@ -2,20 +2,25 @@
 rolling-buffer cache vs a brute-force windowed forward, RoPE pairings, RMSNorm, parameter counts."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from benchmarks.xllama import CONFIGS as BENCHMARK_CONFIGS
 from xllama import Llama, LlamaConfig, XLlamaError, get_config, token_logprobs
 from xllama.model import RMSNorm, TokenDecoder, apply_rope, count_params_meta, rope_tables
 from xllama.sampling import generate
+from xllama.train import PRESETS
+
+TINY = PRESETS["tiny"].model
 
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 
 
 def tiny(n_kv_heads=2, **kw) -> Llama:
     torch.manual_seed(0)
-    cfg = get_config("tiny", n_kv_heads=n_kv_heads, **kw)
+    cfg = replace(TINY, n_kv_heads=n_kv_heads, **kw)
     return Llama(cfg).eval()
 
 
@@ -140,7 +145,7 @@ def test_rope_pairings_agree_through_the_weight_permutation():
 
     model = tiny(n_kv_heads=2)
     cfg = model.config
-    half = Llama(get_config("tiny", n_kv_heads=2, rope_pairing="half")).eval()
+    half = Llama(replace(TINY, n_kv_heads=2, rope_pairing="half")).eval()
     state = model.state_dict()
     for i in range(cfg.n_layers):
         for name, heads in (("wq", cfg.n_heads), ("wk", cfg.kv_heads)):
@@ -206,8 +211,8 @@ def test_swiglu_hidden_size_rule():
     assert get_config("llama2-7b").hidden_dim == 11008
     assert get_config("llama2-13b").hidden_dim == 13824
     assert get_config("llama2-70b").hidden_dim == 28672
-    assert get_config("bench-4.9m").hidden_dim == 688
-    assert get_config("bench-31.6m").hidden_dim == 1376
+    assert BENCHMARK_CONFIGS["bench-4.9m"].hidden_dim == 688
+    assert BENCHMARK_CONFIGS["bench-31.6m"].hidden_dim == 1376
 
 
 @pytest.mark.parametrize(
@@ -218,10 +223,13 @@ def test_llama2_parameter_counts_on_meta_device(name, billions):
     assert round(n / 1e9, 2 if billions < 10 else 1) == billions
 
 
-@pytest.mark.parametrize("name", ["bench-4.9m", "bench-31.6m", "small", "gpt2-124m"])
+SHAPES = {**{n: p.model for n, p in PRESETS.items()}, **BENCHMARK_CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
 def test_parameter_counts_equal_hugging_face_llama_of_the_same_shape(name):
     transformers = pytest.importorskip("transformers")
-    c = get_config(name)
+    c = SHAPES[name]
     hf = transformers.LlamaConfig(
         hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, vocab_size=c.vocab_size,
@@ -260,7 +268,7 @@ def test_bad_inputs_raise_clear_errors():
         generate(model, [[1]], 1, top_p=1.5)
     with pytest.raises(XLlamaError, match="top_p"):
         generate(model, [[1]], 1, top_p=0.0)
-    with pytest.raises(XLlamaError, match="unknown config"):
+    with pytest.raises(XLlamaError, match="unknown Llama 2 shape"):
         get_config("llama9")
     with pytest.raises(XLlamaError, match="multiple of n_kv_heads"):
         LlamaConfig(dim=32, n_heads=4, n_kv_heads=3)

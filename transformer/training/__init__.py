@@ -27,12 +27,14 @@ from .cli import (
     CommandParser,
     add_common_arguments,
     add_dataclass_arguments,
+    choose_preset,
     dataclass_from_args,
     float_in,
     int_at_least,
     non_negative_float,
     non_negative_int,
     positive_int,
+    preset_flags,
 )
 from .config import ConfigError, check_config, config_from_dict
 from .run import (
@@ -71,6 +73,8 @@ __all__ = [
     "UserError",
     "add_common_arguments",
     "add_dataclass_arguments",
+    "choose_preset",
+    "preset_flags",
     "autocast",
     "check_config",
     "config_from_dict",

@@ -17,6 +17,8 @@ import types
 import typing
 from pathlib import Path
 
+from .errors import UserError
+
 
 class CommandParser(argparse.ArgumentParser):
     """The parser of every command: a usage mistake is one line on stderr and exit status 2."""
@@ -95,8 +97,14 @@ def _flag_type(annotation):
     return annotation, None, None
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
-    """Add one flag per field of the dataclass `cls`; unset flags parse to None."""
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls, title: str | None = None, values=None
+) -> None:
+    """Add one flag per field of the dataclass `cls`; unset flags parse to None.
+
+    `values` (an instance: the chosen preset's) supplies the defaults that `--help` shows, so it
+    shows the values a run will use; without it, the dataclass defaults.
+    """
     group = parser.add_argument_group(title or cls.__name__)
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -104,7 +112,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str | N
         if not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if values is not None:
+            default = getattr(values, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
         if hints[f.name] is bool:
             group.add_argument(
@@ -138,6 +149,27 @@ def dataclass_from_args(cls, args: argparse.Namespace, base=None):
             current = getattr(base, f.name)
             given[f.name] = tuple(value) if isinstance(current, tuple) else value
     return dataclasses.replace(base, **given)
+
+
+def preset_flags(argv, **flags) -> argparse.Namespace:
+    """The values of a few flags (`--config`, ...) read ahead of the full parse, so that the
+    full parser can be built with the chosen preset's values as its defaults:
+
+        early = preset_flags(argv, config="small")      # {flag name: default}
+        args = build_parser(PRESETS[early.config]).parse_args(argv)
+    """
+    early = argparse.ArgumentParser(add_help=False)
+    for name, default in flags.items():
+        early.add_argument("--" + name.replace("_", "-"), dest=name, default=default)
+    known, _ = early.parse_known_args(argv)
+    return known
+
+
+def choose_preset(presets: dict, name: str):
+    """`presets[name]`, or one line naming the presets there are."""
+    if name not in presets:
+        raise UserError(f"unknown config {name!r}; choose one of: {', '.join(presets)}")
+    return presets[name]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
