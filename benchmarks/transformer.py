@@ -27,12 +27,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformer.model import (  # noqa: E402
-    PRESETS,
     Transformer,
     beam_search,
     greedy_decode,
     label_smoothed_loss,
 )
+from transformer.train import PRESETS  # noqa: E402
 
 
 class TorchTransformer(nn.Module):
@@ -129,7 +129,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = replace(PRESETS[args.config], vocab_size=args.vocab)
+    config = replace(PRESETS[args.config].model, vocab_size=args.vocab)
     ours = Transformer(config).to(device)
     theirs = TorchTransformer(ours).to(device)
     batches = make_batches(args.train_batches, args.batch, args.src_len, args.tgt_len, args.vocab)

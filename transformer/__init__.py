@@ -17,7 +17,6 @@ from .attention import (
     scaled_dot_product_attention,
 )
 from .model import (
-    PRESETS,
     Transformer,
     TransformerConfig,
     beam_search,
@@ -29,7 +28,6 @@ from .model import (
 )
 
 __all__ = [
-    "PRESETS",
     "KVCache",
     "MultiHeadAttention",
     "StaticKVCache",

@@ -80,26 +80,6 @@ class TransformerConfig:
             raise ConfigError(f"TransformerConfig.pad_id {self.pad_id} is not in the vocabulary")
 
 
-PRESETS: dict[str, TransformerConfig] = {
-    "base": TransformerConfig(),
-    "big": TransformerConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
-    # CPU-sized: Multi30k on a laptop-class CPU, and the embedded task in about a minute.
-    "small": TransformerConfig(
-        d_model=256, n_encoder_layers=3, n_decoder_layers=3, n_heads=4, d_ff=1024
-    ),
-    # The embedded task's model: pre-norm trained more steadily than post-norm at this size.
-    "tiny": TransformerConfig(
-        d_model=64,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        n_heads=4,
-        d_ff=256,
-        dropout=0.0,
-        pre_norm=True,
-    ),
-}
-
-
 def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
     """§3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same)."""
     position = torch.arange(max_len, dtype=torch.float64)[:, None]

@@ -9,7 +9,6 @@ from torch import nn
 
 from transformer.attention import MultiHeadAttention, StaticKVCache
 from transformer.model import (
-    PRESETS,
     Transformer,
     TransformerConfig,
     beam_search,
@@ -19,6 +18,7 @@ from transformer.model import (
     length_penalty,
     sinusoidal_positions,
 )
+from transformer.train import PRESETS
 
 TINY = TransformerConfig(
     vocab_size=23,
@@ -142,7 +142,7 @@ def test_presets_have_the_parameter_counts_of_table_3(name, millions):
     """Counted against torch.nn.Transformer of the same shape (less its two final LayerNorms, which
     the post-norm paper model has not) plus one tied 37,000 x d_model embedding, and against the
     paper's Table 3 (65M and 213M)."""
-    config = PRESETS[name]
+    config = PRESETS[name].model
     with torch.device("meta"):  # count without allocating
         ours = sum(p.numel() for p in Transformer(config).parameters())
         ref = nn.Transformer(config.d_model, config.n_heads, config.n_encoder_layers,
