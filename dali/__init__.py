@@ -8,13 +8,12 @@ import transformer.training  # noqa: F401
 # isort: split
 from .data import DaliError, ImageDataset, load_images, save_grid
 from .diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas
-from .model import UNET_CONFIGS, UNet, UNetConfig, timestep_embedding
+from .model import UNet, UNetConfig, timestep_embedding
 from .pipeline import DDPM, ema_update, generate, load_ddpm
 from .quality import Classifier, evaluate_samples, frechet_distance, train_classifier
 
 __all__ = [
     "DDPM",
-    "UNET_CONFIGS",
     "Classifier",
     "DaliError",
     "DiffusionConfig",

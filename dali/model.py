@@ -15,7 +15,7 @@ Komodakis 2016) with group normalisation (Wu & He 2018) in place of weight norma
   computed by the shared `transformer.attention.MultiHeadAttention` over the H·W positions;
 - dropout 0.1 inside each residual block.
 
-The paper's CIFAR-10 model (`UNET_CONFIGS["cifar10"]`) has 35.7M parameters.
+The paper's CIFAR-10 model (`dali.train.PRESETS["cifar10"].unet`) has 35.7M parameters.
 """
 
 from __future__ import annotations
@@ -82,52 +82,6 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-UNET_CONFIGS: dict[str, UNetConfig] = {
-    # 8×8 grayscale (scikit-learn's digits): small enough to train on a CPU in minutes.
-    "digits": UNetConfig(
-        image_size=8,
-        in_channels=1,
-        channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(4,),
-        norm_groups=8,
-    ),
-    # 16×16 grayscale.
-    "gray16": UNetConfig(
-        image_size=16,
-        in_channels=1,
-        channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(8,),
-        norm_groups=8,
-    ),
-    # 28×28 grayscale (MNIST): 28 -> 14 -> 7, attention at 7×7.
-    "mnist": UNetConfig(
-        image_size=28,
-        in_channels=1,
-        channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(7,),
-        norm_groups=8,
-    ),
-    # 32×32 grayscale: 32 -> 16 -> 8 -> 4, attention at 8×8.
-    "gray32": UNetConfig(
-        image_size=32,
-        in_channels=1,
-        channels=64,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(8,),
-        norm_groups=16,
-    ),
-    # The paper's CIFAR-10 model: 32×32 RGB, 35.7M parameters.
-    "cifar10": UNetConfig(),
-}
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -30,7 +30,9 @@ from transformer.training import (
     add_dataclass_arguments,
     autocast,
     check_config,
+    choose_preset,
     dataclass_from_args,
+    preset_flags,
     run_command,
     seed_everything,
     select_dtype,
@@ -39,7 +41,7 @@ from transformer.training import (
 
 from .data import DaliError, load_images, save_grid
 from .diffusion import DiffusionConfig
-from .model import UNET_CONFIGS, UNetConfig
+from .model import UNetConfig
 from .pipeline import DDPM, ema_decay_at, ema_update, generate
 
 
@@ -86,6 +88,9 @@ class TrainConfig:
 
 @dataclass
 class Preset:
+    """A named preset (`--config NAME`): one record of the U-Net's shape, the diffusion and the
+    training values. Flags override single fields; `--help` shows the values of the preset chosen."""
+
     unet: UNetConfig
     diffusion: DiffusionConfig
     train: TrainConfig
@@ -99,23 +104,55 @@ _SHORT = dict(
 )
 PRESETS: dict[str, Preset] = {
     "digits": Preset(
-        UNetConfig(8, 1, 32, (1, 2), 2, (4,), norm_groups=8),
+        UNetConfig(
+            image_size=8,
+            in_channels=1,
+            channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=2,
+            attention_resolutions=(4,),
+            norm_groups=8,
+        ),
         DiffusionConfig(),
         TrainConfig(steps=1500, batch_size=64, lr=1e-3, eval_samples=1000, eval_steps=50, **_SHORT),
     ),
     "gray16": Preset(
-        UNET_CONFIGS["gray16"],
+        UNetConfig(
+            image_size=16,
+            in_channels=1,
+            channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=2,
+            attention_resolutions=(8,),
+            norm_groups=8,
+        ),
         DiffusionConfig(),
         TrainConfig(steps=20_000, **{**_SHORT, "sample_every": 2000, "checkpoint_every": 2000}),
     ),
     "mnist": Preset(
-        UNET_CONFIGS["mnist"],
+        UNetConfig(
+            image_size=28,
+            in_channels=1,
+            channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=2,
+            attention_resolutions=(7,),
+            norm_groups=8,
+        ),
         DiffusionConfig(),
         TrainConfig(steps=4000, batch_size=64, lr=5e-4, eval_samples=1000, **_SHORT),
     ),
     # What a shared 2-core CPU can train in ~40 minutes: one block per level, batch 32, EMA 0.995.
     "mnist-cpu": Preset(
-        dataclasses.replace(UNET_CONFIGS["mnist"], num_res_blocks=1),
+        UNetConfig(
+            image_size=28,
+            in_channels=1,
+            channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(7,),
+            norm_groups=8,
+        ),
         DiffusionConfig(),
         TrainConfig(
             steps=3000,
@@ -126,13 +163,27 @@ PRESETS: dict[str, Preset] = {
             **{**_SHORT, "ema_decay": 0.995, "sample_every": 250, "checkpoint_every": 250},
         ),
     ),
-    "gray32": Preset(UNET_CONFIGS["gray32"], DiffusionConfig(), TrainConfig()),
-    "cifar10": Preset(UNET_CONFIGS["cifar10"], DiffusionConfig(), TrainConfig(hflip=True)),
+    "gray32": Preset(
+        UNetConfig(
+            image_size=32,
+            in_channels=1,
+            channels=64,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attention_resolutions=(8,),
+            norm_groups=16,
+        ),
+        DiffusionConfig(),
+        TrainConfig(),
+    ),
+    "cifar10": Preset(UNetConfig(), DiffusionConfig(), TrainConfig(hflip=True)),
 }
 DEFAULT_PRESET = {"digits": "digits", "mnist": "mnist", "folder": "cifar10"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
+    """The flags; `preset` (default: digits) supplies the defaults `--help` shows."""
+    preset = preset or PRESETS["digits"]
     parser = CommandParser(
         prog="dali.train",
         description="Train a DDPM (Ho et al. 2020). The default trains on scikit-learn's 8×8 digits "
@@ -152,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mnist:DIR, cifar10 for folder:DIR); flags below override single fields",
     )
     add_common_arguments(parser, training=True)
-    add_dataclass_arguments(parser, UNetConfig, "model (U-Net)")
-    add_dataclass_arguments(parser, DiffusionConfig, "diffusion")
-    add_dataclass_arguments(parser, TrainConfig, "training")
+    add_dataclass_arguments(parser, UNetConfig, "model (U-Net; the preset's values)", preset.unet)
+    add_dataclass_arguments(parser, DiffusionConfig, "diffusion", preset.diffusion)
+    add_dataclass_arguments(parser, TrainConfig, "training", preset.train)
     return parser
 
 
@@ -175,9 +226,10 @@ def batch_indices(
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    kind = args.data.partition(":")[0]
-    preset = PRESETS[args.config or DEFAULT_PRESET.get(kind, "digits")]
+    early = preset_flags(argv, config=None, data="digits")
+    name = early.config or DEFAULT_PRESET.get(early.data.partition(":")[0], "digits")
+    preset = choose_preset(PRESETS, name)
+    args = build_parser(preset).parse_args(argv)
     unet_config = dataclass_from_args(UNetConfig, args, base=preset.unet)
     diffusion_config = dataclass_from_args(DiffusionConfig, args, base=preset.diffusion)
     train_config = dataclass_from_args(TrainConfig, args, base=preset.train)

@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from dali.diffusion import DiffusionConfig, GaussianDiffusion
-from dali.model import UNET_CONFIGS, UNet, UNetConfig, timestep_embedding
+from dali.model import UNet, UNetConfig, timestep_embedding
 from dali.pipeline import DDPM, ema_decay_at, ema_update, generate
+from dali.train import PRESETS
 
 TINY = UNetConfig(8, 1, 8, (1, 2), 1, (4,), norm_groups=4)
 
 
-@pytest.mark.parametrize("name", sorted(UNET_CONFIGS))
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_output_shape_for_every_config(name):
-    config = UNET_CONFIGS[name]
+    config = PRESETS[name].unet
     torch.manual_seed(0)
     model = UNet(config).eval()
     x = torch.randn(2, config.in_channels, config.image_size, config.image_size)
@@ -22,7 +23,7 @@ def test_output_shape_for_every_config(name):
 
 
 def test_cifar10_model_has_the_papers_35_7M_parameters():
-    model = UNet(UNET_CONFIGS["cifar10"])
+    model = UNet(PRESETS["cifar10"].unet)
     assert model.num_parameters() == 35_746_307  # "35.7 million parameters" (Ho et al., §4)
     attention = [m for m in model.modules() if type(m).__name__ == "AttentionBlock"]
     assert len(attention) == 2 + 3 + 1  # 16×16, way down (2) and up (3), plus the middle
