@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +42,7 @@ from transformer.training import (
     claim_run_directory,
     dataclass_from_args,
     lock_run_directory,
+    preset_flags,
     run_command,
     seed_everything,
     set_lr,
@@ -363,14 +364,15 @@ def main(argv=None) -> int:
         help="start from this base model (xllama or instructgpt run with tokenizer.bpe) instead of pretraining",
     )  # fmt: skip
     parser.add_argument(
-        "--preset", choices=["default", "tiny"], default="default",
-        help="tiny: a seconds-long smoke run (tests); default: the run the README reports",
+        "--config", choices=list(PRESETS), default="default",
+        help="preset: default (the run the README reports) or tiny (a seconds-long smoke run, "
+        "for tests); flags override single fields (default: default)",
     )  # fmt: skip
-    add_dataclass_arguments(parser, PipelineConfig, "pipeline")
+    preset = PRESETS[preset_flags(argv, config="default").config]
+    add_dataclass_arguments(parser, PipelineConfig, "pipeline (the preset's values)", preset)
     add_common_arguments(parser, training=False)
     args = parser.parse_args(argv)
-    base = PipelineConfig() if args.preset == "default" else TINY
-    config = dataclass_from_args(PipelineConfig, args, base=base)
+    config = dataclass_from_args(PipelineConfig, args, base=preset)
     if args.out is None:
         from .data import InstructGPTError
 
@@ -379,11 +381,14 @@ def main(argv=None) -> int:
     return 0
 
 
-TINY = replace(
-    PipelineConfig(),
-    vocab_size=300, dim=32, n_layers=1, n_heads=2, context=48, pretrain_steps=5, sft_steps=3,
-    k=4, rm_steps=3, ppo_iterations=1, max_new_tokens=12, ppo_betas=[0.05], dpo_steps=2, dpo_betas=[0.1], dpo_rounds=2, eval_samples=1,
-)  # fmt: skip
+PRESETS: dict[str, PipelineConfig] = {
+    "default": PipelineConfig(),
+    "tiny": PipelineConfig(
+        vocab_size=300, dim=32, n_layers=1, n_heads=2, context=48, pretrain_steps=5, sft_steps=3,
+        k=4, rm_steps=3, ppo_iterations=1, max_new_tokens=12, ppo_betas=[0.05], dpo_steps=2,
+        dpo_betas=[0.1], dpo_rounds=2, eval_samples=1,
+    ),
+}  # fmt: skip
 
 
 def cli() -> None:

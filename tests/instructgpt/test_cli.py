@@ -211,7 +211,7 @@ def test_two_process_gloo_sft_matches_one_process(tmp_path, base_model):
 
 
 def test_tiny_pipeline_runs_every_stage(tmp_path):
-    code = pipeline.main(["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"])
+    code = pipeline.main(["--config", "tiny", "--out", str(tmp_path), "--device", "cpu"])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"}
@@ -236,7 +236,7 @@ def test_tiny_pipeline_under_two_process_torchrun(tmp_path):
     rank 0 alone ranks samples, marks stages done and evaluates."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           "29533", "-m", "instructgpt.pipeline", "--preset", "tiny", "--out", str(tmp_path / "two"),
+           "29533", "-m", "instructgpt.pipeline", "--config", "tiny", "--out", str(tmp_path / "two"),
            "--device", "cpu"]  # fmt: skip
     two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -247,7 +247,7 @@ def test_tiny_pipeline_under_two_process_torchrun(tmp_path):
         assert (tmp_path / "two" / stage / "DONE").is_file()
     # pretraining split each step's windows over the two processes and averaged the gradients:
     # the losses of one process on the whole batch
-    pipeline.pretrain(tmp_path / "one", pipeline.TINY, torch.device("cpu"), seed=0)
+    pipeline.pretrain(tmp_path / "one", pipeline.PRESETS["tiny"], torch.device("cpu"), seed=0)
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two" / "base")):
         assert a == pytest.approx(b, rel=1e-6)
 
