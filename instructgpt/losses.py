@@ -42,12 +42,6 @@ def masked_var(x: Tensor, mask: Tensor) -> Tensor:
     return ((x - mean) ** 2 * mask.to(x.dtype)).sum() / (n - 1).clamp(min=1)
 
 
-def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log π(targets[t] | ...) from logits (batch, T, vocab) and targets (batch, T)."""
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Per-position entropy −Σ p log p of the categorical distributions in `logits`."""
     logp = F.log_softmax(logits.float(), dim=-1)

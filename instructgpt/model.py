@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from xllama import Llama, LlamaConfig
-from xllama.sampling import generate
+from xllama.sampling import generate, token_logprobs
 
-from .losses import masked_mean, token_logprobs
+from .losses import masked_mean
 
 
 class RewardModel(nn.Module):

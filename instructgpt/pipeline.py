@@ -50,6 +50,7 @@ from transformer.training import (
     warmup_cosine,
 )
 from xllama import Llama, LlamaConfig
+from xllama.sampling import token_logprobs
 from xllama.tokenization import BPE
 
 from .batches import rank_slice
@@ -57,7 +58,6 @@ from .checkpoints import load_policy, model_config
 from .data import corpus_text, read_rankings, task_prompts, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import Judge, compare
-from .losses import token_logprobs
 from .ppo import PPOConfig, train_ppo
 from .reward import RewardConfig, make_task_rankings, split_heldout, train_reward
 from .sft import SFTConfig, train_sft

@@ -36,6 +36,7 @@ from transformer.training import (
     run_command,
     save_checkpoint,
 )
+from xllama.sampling import token_logprobs
 
 from .batches import EpochSampler, rank_slice
 from .checkpoints import load_policy, load_reward_model, model_config
@@ -50,7 +51,6 @@ from .losses import (
     kl_penalised_rewards,
     masked_mean,
     ptx_loss,
-    token_logprobs,
     whiten,
 )
 from .model import RewardModel, sample_responses, sequence_logprobs

@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .model import Llama, TokenDecoder, XLlamaError
@@ -157,16 +156,11 @@ def generate(
     return results
 
 
-def token_logprobs(
-    model: Llama, tokens: Tensor, attention_mask: Tensor | None = None, temperature: float = 1.0
-) -> Tensor:
-    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: (batch, T - 1), float32.
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(targets[t]) under logits (batch, T, vocab): (batch, T), float32, differentiable.
 
-    Differentiable (no `no_grad` here): the policy-gradient and DPO losses use it. Positions where
-    the target is padding hold meaningless values; mask them with attention_mask[:, 1:].
+    For a sequence's own tokens: `token_logprobs(model(tokens)[:, :-1], tokens[:, 1:])`. The
+    policy-gradient, DPO and pretraining losses of `instructgpt` use it.
     """
-    logits = model(tokens, attention_mask=attention_mask)[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logprobs = F.log_softmax(logits, dim=-1)
-    return logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
