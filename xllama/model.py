@@ -218,44 +218,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairing: str = "adjacent") -
     Hugging Face `rotate_half` layout). The two are the same model up to a fixed permutation of the
     rows of W_q and W_k inside each head (see `xllama.convert.permute_to_half`).
     """
-    dtype = x.dtype
-    x = x.float()
-    if pairing == "adjacent":
-        x_even, x_odd = x[..., 0::2], x[..., 1::2]
-        out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-        return out.flatten(-2).to(dtype)
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+    x32 = x.float()
+    if pairing == "adjacent":  # (x_2i, x_2i+1) as a complex number, times e^{i m θ_i}
+        pairs = torch.view_as_complex(x32.reshape(*x.shape[:-1], -1, 2))
+        out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+    else:  # (x_i, x_{i+d/2}): rotate_half
+        x1, x2 = x32.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
 
 
 class Rotary:
-    """The `rotary` hook of MultiHeadAttention for one forward pass: rotates q and k at the given
-    positions. Built once per forward and shared by every layer, so the per-layer work is a few
-    fused element-wise ops (the same maths as `apply_rope`, which the tests check):
-
-    - adjacent: pairs as complex numbers times e^{i m θ} (Meta's `apply_rotary_emb`);
-    - half: x · cos + [x2, x1] · [-sin, sin] (rotate_half, with the sign folded into the table).
-    """
+    """The `rotary` hook of MultiHeadAttention for one forward pass: `apply_rope` to q and k with
+    the positions' cos/sin rows, looked up once per forward and shared by every layer."""
 
     def __init__(self, cos: Tensor, sin: Tensor, pairing: str):
-        self.pairing = pairing
-        if pairing == "adjacent":
-            self.rotation = torch.complex(cos, sin)
-        else:
-            self.cos = torch.cat((cos, cos), dim=-1)
-            self.sin = torch.cat((-sin, sin), dim=-1)
+        self.cos, self.sin, self.pairing = cos, sin, pairing
 
     def rotate(self, x: Tensor) -> Tensor:
-        x32 = x if x.dtype == torch.float32 else x.float()
-        if self.pairing == "adjacent":
-            pairs = torch.view_as_complex(x32.view(*x.shape[:-1], -1, 2))
-            out = torch.view_as_real(pairs * self.rotation).flatten(-2)
-        else:
-            half = x.size(-1) // 2
-            swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
-            out = x32 * self.cos + swapped * self.sin
-        return out if x.dtype == torch.float32 else out.type_as(x)
+        return apply_rope(x, self.cos, self.sin, self.pairing)
 
     def __call__(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return self.rotate(q), self.rotate(k)
