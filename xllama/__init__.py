@@ -9,14 +9,13 @@ Generation is `xllama.sampling.generate(model, prompts, ...)`; `xllama.generate`
 import transformer.training  # noqa: F401
 
 # isort: split
+from .cache import Cache, RollingKVCache
+from .errors import XLlamaError
 from .model import (
     LLAMA2,
-    Cache,
     Llama,
     LlamaConfig,
     RMSNorm,
-    RollingKVCache,
-    XLlamaError,
     apply_rope,
     count_params_meta,
     get_config,
