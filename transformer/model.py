@@ -345,25 +345,20 @@ def greedy_decode(
     bos_id: int,
     eos_id: int,
     max_extra: int = 50,
-    use_cache: bool = True,
 ) -> list[list[int]]:
     """Pick the most probable next token until EOS or the maximum length; one list per sentence.
-
-    `use_cache=False` recomputes the decoder over the whole prefix at every step (same result,
-    slower); it exists to check and benchmark the cached path.
-    """
+    The decoder runs on the new token only, with the keys and values of the prefix cached."""
     config = model.config
     batch = source.size(0)
     source_mask = model.source_mask(source)
     memory = model.encode(source, source_mask)
     limits = _max_lengths(source, config.pad_id, max_extra, config.max_len)
     steps = int(limits.max())
-    state = model.new_state(batch, steps + 1, memory) if use_cache else None
+    state = model.new_state(batch, steps + 1, memory)
     tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=source.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=source.device)
     for step in range(steps):
-        step_input = tokens[:, -1:] if use_cache else tokens
-        logits = model.decode(step_input, memory, source_mask, state)[:, -1]
+        logits = model.decode(tokens[:, -1:], memory, source_mask, state)[:, -1]
         next_token = logits.argmax(-1)
         next_token = next_token.masked_fill(finished, config.pad_id)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
