@@ -27,13 +27,13 @@ import os
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tokenizer import BPETokenizer, embedded_corpus  # noqa: E402
+from tokenizer.learn import naive_merge_steps, naive_merges  # noqa: E402
 from tokenizer.pretokenize import PATTERNS, make_splitter  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
@@ -99,33 +99,8 @@ def train_sentencepiece(text: str, vocab_size: int, workdir: Path):
 def naive_train(text: str, vocab_size: int, max_merges: int | None = None) -> list:
     """minbpe's RegexTokenizer.train, restated: every chunk kept (not deduplicated), every pair
     recounted after each merge, every chunk rewritten. Ties: highest count, then smallest pair."""
-    chunks = [list(chunk.encode("utf-8")) for chunk in make_splitter(PATTERNS["gpt4"])(text)]
     num_merges = vocab_size - 256 if max_merges is None else min(max_merges, vocab_size - 256)
-    return naive_steps(chunks, 256, num_merges)
-
-
-def naive_steps(chunks: list[list[int]], first_id: int, num_merges: int) -> list:
-    """`num_merges` steps of the naive loop from the state `chunks` (rewritten in place)."""
-    merges = []
-    for new_id in range(first_id, first_id + num_merges):
-        counts: Counter = Counter()
-        for ids in chunks:
-            counts.update(zip(ids, ids[1:]))
-        if not counts:
-            break
-        best = max(counts, key=lambda pair: (counts[pair], -pair[0], -pair[1]))
-        merges.append(best)
-        for index, ids in enumerate(chunks):
-            merged, i = [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and ids[i] == best[0] and ids[i + 1] == best[1]:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(ids[i])
-                    i += 1
-            chunks[index] = merged
-    return merges
+    return naive_merges(text, num_merges, PATTERNS["gpt4"])
 
 
 def naive_estimate(text: str, vocab_size: int, ours: BPETokenizer, steps: int = 40):
@@ -149,7 +124,7 @@ def naive_estimate(text: str, vocab_size: int, ours: BPETokenizer, steps: int = 
     def timed_steps(k: int) -> tuple[float, float, list]:
         state = state_after(k)
         tokens_before = sum(map(len, state))
-        seconds, merges = best_time(lambda: naive_steps(state, 256 + k, steps), 1)
+        seconds, merges = best_time(lambda: naive_merge_steps(state, 256 + k, steps), 1)
         return seconds / steps, (tokens_before + sum(map(len, state))) / 2, merges
 
     start_cost, start_tokens, merges = timed_steps(0)

@@ -17,8 +17,16 @@ def naive_merges(text: str, num_merges: int, pattern: str) -> list[tuple[int, in
     """Algorithm 1 as written (minbpe's style): after each merge, recount every pair of every
     chunk. Quadratic in the number of merges: the reference the fast trainer is tested against."""
     chunks = [list(chunk.encode("utf-8")) for chunk in make_splitter(pattern)(text)]
+    return naive_merge_steps(chunks, 256, num_merges)
+
+
+def naive_merge_steps(
+    chunks: list[list[int]], first_id: int, num_merges: int
+) -> list[tuple[int, int]]:
+    """`num_merges` steps of Algorithm 1 from the state `chunks` (rewritten in place), the first
+    new token being `first_id`."""
     merges = []
-    for new_id in range(256, 256 + num_merges):
+    for new_id in range(first_id, first_id + num_merges):
         counts = Counter()
         for ids in chunks:
             counts.update(zip(ids, ids[1:]))
