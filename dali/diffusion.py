@@ -32,25 +32,29 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from transformer.training import ConfigError, check_config
+from transformer.training import ConfigError, check_config, param
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 1000
-    """T, the number of diffusion steps (paper: 1000)."""
-    schedule: Literal["linear", "cosine"] = "linear"
-    """β schedule: the paper's linear one, or the cosine schedule of Nichol & Dhariwal (2021)."""
-    beta_start: float = 1e-4
-    """β_1 of the linear schedule (paper: 1e-4)."""
-    beta_end: float = 0.02
-    """β_T of the linear schedule (paper: 0.02)."""
-    prediction: Literal["eps", "x0", "v"] = "eps"
-    """What the network predicts: ε (paper, with L_simple), x₀, or v (Salimans & Ho 2022)."""
-    variance: Literal["small", "large"] = "small"
-    """Ancestral sampler variance: σ²_t = β̃_t (small) or β_t (large); the paper found both similar."""
-    clip_x0: bool = True
-    """Clip the predicted x̂₀ to [-1, 1] in the ancestral sampler (as the paper's sampler does)."""
+    timesteps: int = param(1000, "T, the number of diffusion steps (paper: 1000).")
+    schedule: Literal["linear", "cosine"] = param(
+        "linear",
+        "β schedule: the paper's linear one, or the cosine schedule of Nichol & Dhariwal (2021).",
+    )
+    beta_start: float = param(1e-4, "β_1 of the linear schedule (paper: 1e-4).")
+    beta_end: float = param(0.02, "β_T of the linear schedule (paper: 0.02).")
+    prediction: Literal["eps", "x0", "v"] = param(
+        "eps", "What the network predicts: ε (paper, with L_simple), x₀, or v (Salimans & Ho 2022)."
+    )
+    variance: Literal["small", "large"] = param(
+        "small",
+        "Ancestral sampler variance: σ²_t = β̃_t (small) or β_t (large); the paper found both similar.",
+    )
+    clip_x0: bool = param(
+        True,
+        "Clip the predicted x̂₀ to [-1, 1] in the ancestral sampler (as the paper's sampler does).",
+    )
 
     def __post_init__(self):
         check_config(self, positive=("timesteps", "beta_start", "beta_end"))

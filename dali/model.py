@@ -28,29 +28,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention
-from transformer.training import ConfigError, check_config
+from transformer.training import ConfigError, check_config, param
 
 
 @dataclass
 class UNetConfig:
-    image_size: int = 32
-    """Height and width of the (square) images."""
-    in_channels: int = 3
-    """Image channels: 1 for grayscale, 3 for RGB."""
-    channels: int = 128
-    """Base channel count (paper: 128 for CIFAR-10)."""
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    """Channel multiplier per resolution level; the image is halved between levels."""
-    num_res_blocks: int = 2
-    """Residual blocks per resolution on the way down (paper: 2)."""
-    attention_resolutions: tuple[int, ...] = (16,)
-    """Resolutions (in pixels) with self-attention after each residual block (paper: 16)."""
-    attention_heads: int = 1
-    """Heads of each self-attention layer (paper: 1)."""
-    dropout: float = 0.1
-    """Dropout inside the residual blocks (paper: 0.1 on CIFAR-10)."""
-    norm_groups: int = 32
-    """Groups of every GroupNorm (paper: 32)."""
+    image_size: int = param(32, "Height and width of the (square) images.")
+    in_channels: int = param(3, "Image channels: 1 for grayscale, 3 for RGB.")
+    channels: int = param(128, "Base channel count (paper: 128 for CIFAR-10).")
+    channel_mult: tuple[int, ...] = param(
+        (1, 2, 2, 2), "Channel multiplier per resolution level; the image is halved between levels."
+    )
+    num_res_blocks: int = param(2, "Residual blocks per resolution on the way down (paper: 2).")
+    attention_resolutions: tuple[int, ...] = param(
+        (16,), "Resolutions (in pixels) with self-attention after each residual block (paper: 16)."
+    )
+    attention_heads: int = param(1, "Heads of each self-attention layer (paper: 1).")
+    dropout: float = param(0.1, "Dropout inside the residual blocks (paper: 0.1 on CIFAR-10).")
+    norm_groups: int = param(32, "Groups of every GroupNorm (paper: 32).")
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)

@@ -32,6 +32,7 @@ from transformer.training import (
     check_config,
     choose_preset,
     dataclass_from_args,
+    param,
     preset_flags,
     run_command,
     seed_everything,
@@ -47,34 +48,36 @@ from .pipeline import DDPM, ema_decay_at, ema_update, generate
 
 @dataclass
 class TrainConfig:
-    steps: int = 800_000
-    """Optimizer steps (paper: 800k for CIFAR-10)."""
-    batch_size: int = 128
-    """Global batch size, split across processes (paper: 128)."""
-    lr: float = 2e-4
-    """Adam learning rate (paper: 2e-4)."""
-    warmup_steps: int = 5000
-    """Linear learning-rate warm-up steps (paper: 5000)."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (paper: 1.0; 0 disables)."""
-    ema_decay: float = 0.9999
-    """Decay of the exponential moving average of the weights used for sampling (paper: 0.9999)."""
-    ema_warmup: bool = False
-    """Use decay min(ema_decay, (1+n)/(10+n)) after n updates, for short runs."""
-    hflip: bool = False
-    """Random horizontal flips of the training images (paper: on for CIFAR-10; off for digits)."""
-    sample_every: int = 10_000
-    """Write a sample grid (DDIM-50, EMA weights) every this many steps (0: never)."""
-    checkpoint_every: int = 10_000
-    """Write a checkpoint every this many steps (0: only at the end)."""
-    log_every: int = 10
-    """Append the loss to metrics.jsonl every this many steps."""
-    eval_samples: int = 1000
-    """Samples generated at the end to measure quality (labelled data only; 0 skips)."""
-    eval_sampler: Literal["ancestral", "ddim"] = "ddim"
-    """Sampler for the final quality numbers: ancestral (1000 steps) or ddim."""
-    eval_steps: int = 100
-    """DDIM steps for the final quality numbers."""
+    steps: int = param(800_000, "Optimizer steps (paper: 800k for CIFAR-10).")
+    batch_size: int = param(128, "Global batch size, split across processes (paper: 128).")
+    lr: float = param(2e-4, "Adam learning rate (paper: 2e-4).")
+    warmup_steps: int = param(5000, "Linear learning-rate warm-up steps (paper: 5000).")
+    grad_clip: float = param(1.0, "Clip the gradient norm to this (paper: 1.0; 0 disables).")
+    ema_decay: float = param(
+        0.9999,
+        "Decay of the exponential moving average of the weights used for sampling (paper: 0.9999).",
+    )
+    ema_warmup: bool = param(
+        False, "Use decay min(ema_decay, (1+n)/(10+n)) after n updates, for short runs."
+    )
+    hflip: bool = param(
+        False,
+        "Random horizontal flips of the training images (paper: on for CIFAR-10; off for digits).",
+    )
+    sample_every: int = param(
+        10_000, "Write a sample grid (DDIM-50, EMA weights) every this many steps (0: never)."
+    )
+    checkpoint_every: int = param(
+        10_000, "Write a checkpoint every this many steps (0: only at the end)."
+    )
+    log_every: int = param(10, "Append the loss to metrics.jsonl every this many steps.")
+    eval_samples: int = param(
+        1000, "Samples generated at the end to measure quality (labelled data only; 0 skips)."
+    )
+    eval_sampler: Literal["ancestral", "ddim"] = param(
+        "ddim", "Sampler for the final quality numbers: ancestral (1000 steps) or ddim."
+    )
+    eval_steps: int = param(100, "DDIM steps for the final quality numbers.")
 
     def __post_init__(self):
         check_config(

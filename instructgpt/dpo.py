@@ -30,6 +30,7 @@ from transformer.training import (
     autocast,
     check_config,
     dataclass_from_args,
+    param,
     run_command,
     set_lr,
     warmup_cosine,
@@ -54,30 +55,28 @@ from .stage import (
 
 @dataclass
 class DPOConfig:
-    steps: int = 200
-    """optimizer steps"""
-    batch_size: int = 32
-    """preference pairs per step (global batch)"""
-    lr: float = 1e-4
-    """peak learning rate (cosine decay to a tenth)"""
-    warmup: int = 10
-    """linear warm-up steps"""
-    beta: float = 0.1
-    """β: strength of the implicit KL constraint to the reference"""
-    label_smoothing: float = 0.0
-    """ε of conservative DPO: the assumed probability that a label is flipped"""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid (DPO) or ipo (Azar et al. 2023)"""
-    ipo_length_normalise: bool = False
-    """IPO only: per-token average log-ratios instead of the paper's sums"""
-    precompute_reference: bool = True
-    """compute the reference log-probabilities once before training"""
-    max_len: int = 64
-    """longest prompt + response in tokens"""
-    eval_fraction: float = 0.1
-    """share of prompts held out to measure preference accuracy, if no --eval-data"""
-    k: int = 4
-    """embedded task only: responses sampled per prompt for the labeler to rank"""
+    steps: int = param(200, "optimizer steps")
+    batch_size: int = param(32, "preference pairs per step (global batch)")
+    lr: float = param(1e-4, "peak learning rate (cosine decay to a tenth)")
+    warmup: int = param(10, "linear warm-up steps")
+    beta: float = param(0.1, "β: strength of the implicit KL constraint to the reference")
+    label_smoothing: float = param(
+        0.0, "ε of conservative DPO: the assumed probability that a label is flipped"
+    )
+    loss_type: Literal["sigmoid", "ipo"] = param(
+        "sigmoid", "sigmoid (DPO) or ipo (Azar et al. 2023)"
+    )
+    ipo_length_normalise: bool = param(
+        False, "IPO only: per-token average log-ratios instead of the paper's sums"
+    )
+    precompute_reference: bool = param(
+        True, "compute the reference log-probabilities once before training"
+    )
+    max_len: int = param(64, "longest prompt + response in tokens")
+    eval_fraction: float = param(
+        0.1, "share of prompts held out to measure preference accuracy, if no --eval-data"
+    )
+    k: int = param(4, "embedded task only: responses sampled per prompt for the labeler to rank")
 
     def __post_init__(self):
         check_config(

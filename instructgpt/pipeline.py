@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +42,7 @@ from transformer.training import (
     claim_run_directory,
     dataclass_from_args,
     lock_run_directory,
+    param,
     preset_flags,
     run_command,
     seed_everything,
@@ -67,47 +68,31 @@ from .task_tokenizer import load_task_tokenizer
 
 @dataclass
 class PipelineConfig:
-    vocab_size: int = 1024
-    """BPE vocabulary of the base model (with <|endoftext|>)"""
-    dim: int = 96
-    """base model width"""
-    n_layers: int = 3
-    """base model blocks"""
-    n_heads: int = 4
-    """attention heads"""
-    context: int = 64
-    """context length in tokens"""
-    pretrain_steps: int = 800
-    """pretraining steps on the corpus"""
-    pretrain_batch: int = 32
-    """windows per pretraining step"""
-    pretrain_lr: float = 2e-3
-    """peak pretraining learning rate"""
-    sft_steps: int = 200
-    """SFT steps"""
-    k: int = 8
-    """responses sampled per prompt and ranked by the labeler"""
-    rm_steps: int = 300
-    """reward model steps"""
-    ppo_iterations: int = 80
-    """PPO rollout batches per β"""
-    ppo_lr: float = 5e-5
-    """PPO learning rate"""
-    ppo_betas: list[float] = field(default_factory=lambda: [0.005, 0.02, 0.1])
-    """KL coefficients of the PPO runs"""
-    dpo_steps: int = 300
-    """DPO steps per β (and per round)"""
-    dpo_lr: float = 1e-4
-    """DPO learning rate"""
-    dpo_betas: list[float] = field(default_factory=lambda: [0.03, 0.05, 0.1, 0.3])
-    """β of the DPO runs"""
-    dpo_rounds: int = 2
-    """DPO rounds per β: round r > 1 ranks fresh samples of round r - 1's policy and continues
-    from it (iterative, on-policy DPO; the labeler labels K more responses per prompt each round)"""
-    eval_samples: int = 4
-    """responses per held-out prompt for the win rates"""
-    max_new_tokens: int = 32
-    """longest sampled response (rankings, PPO rollouts, evaluation)"""
+    vocab_size: int = param(1024, "BPE vocabulary of the base model (with <|endoftext|>)")
+    dim: int = param(96, "base model width")
+    n_layers: int = param(3, "base model blocks")
+    n_heads: int = param(4, "attention heads")
+    context: int = param(64, "context length in tokens")
+    pretrain_steps: int = param(800, "pretraining steps on the corpus")
+    pretrain_batch: int = param(32, "windows per pretraining step")
+    pretrain_lr: float = param(2e-3, "peak pretraining learning rate")
+    sft_steps: int = param(200, "SFT steps")
+    k: int = param(8, "responses sampled per prompt and ranked by the labeler")
+    rm_steps: int = param(300, "reward model steps")
+    ppo_iterations: int = param(80, "PPO rollout batches per β")
+    ppo_lr: float = param(5e-5, "PPO learning rate")
+    ppo_betas: list[float] = param(
+        factory=lambda: [0.005, 0.02, 0.1], help="KL coefficients of the PPO runs"
+    )
+    dpo_steps: int = param(300, "DPO steps per β (and per round)")
+    dpo_lr: float = param(1e-4, "DPO learning rate")
+    dpo_betas: list[float] = param(factory=lambda: [0.03, 0.05, 0.1, 0.3], help="β of the DPO runs")
+    dpo_rounds: int = param(
+        2,
+        "DPO rounds per β: round r > 1 ranks fresh samples of round r - 1's policy and continues from it (iterative, on-policy DPO; the labeler labels K more responses per prompt each round)",
+    )
+    eval_samples: int = param(4, "responses per held-out prompt for the win rates")
+    max_new_tokens: int = param(32, "longest sampled response (rankings, PPO rollouts, evaluation)")
 
     def __post_init__(self):
         """Every stage's config is built (and so checked) here, before the first stage starts."""

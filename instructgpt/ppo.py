@@ -33,6 +33,7 @@ from transformer.training import (
     TrainingRun,
     check_config,
     dataclass_from_args,
+    param,
     run_command,
     save_checkpoint,
 )
@@ -60,47 +61,41 @@ from .task_tokenizer import check_same_tokenizer
 
 @dataclass
 class PPOConfig:
-    iterations: int = 40
-    """rollout batches (each followed by ppo-epochs passes over it)"""
-    rollout_batch: int = 64
-    """prompts per rollout batch (global, split over processes)"""
-    minibatch: int = 16
-    """sequences per gradient step"""
-    ppo_epochs: int = 4
-    """passes over each rollout batch"""
-    lr: float = 1e-5
-    """AdamW learning rate of the policy and the value model"""
-    beta: float = 0.02
-    """KL coefficient β of the per-token penalty β·log(π/π_SFT) (InstructGPT: 0.02)"""
-    adaptive_kl: bool = False
-    """adapt β to hold KL(π‖π_SFT) near kl-target (Ziegler et al. 2019)"""
-    kl_target: float = 6.0
-    """target KL in nats for the adaptive controller"""
-    kl_horizon: int = 10000
-    """horizon of the adaptive controller, in sequences"""
-    gamma: float = 1.0
-    """discount γ of GAE"""
-    lam: float = 0.95
-    """λ of GAE"""
-    clip: float = 0.2
-    """ε of the clipped surrogate objective"""
-    value_clip: float = 0.2
-    """clip range of the value loss"""
-    value_coef: float = 1.0
-    """weight of the value loss (the value model is a separate network)"""
-    whiten_advantages: bool = True
-    """normalise advantages to zero mean and unit variance per rollout batch"""
-    ptx_coef: float = 0.0
-    """PPO-ptx: coefficient γ of the pretraining log-likelihood term (0 = plain PPO)"""
-    ptx_batch: int = 8
-    """pretraining sequences per gradient step (and process) when ptx-coef > 0"""
-    ptx_len: int = 48
-    """tokens per pretraining sequence"""
-    max_new_tokens: int = 32
-    """longest response sampled"""
-    value_init: Literal["reward", "policy"] = "reward"
-    """initialise the value model from the reward model ("reward", as InstructGPT) or from the
-    policy with a zero head ("policy")"""
+    iterations: int = param(40, "rollout batches (each followed by ppo-epochs passes over it)")
+    rollout_batch: int = param(64, "prompts per rollout batch (global, split over processes)")
+    minibatch: int = param(16, "sequences per gradient step")
+    ppo_epochs: int = param(4, "passes over each rollout batch")
+    lr: float = param(1e-5, "AdamW learning rate of the policy and the value model")
+    beta: float = param(
+        0.02, "KL coefficient β of the per-token penalty β·log(π/π_SFT) (InstructGPT: 0.02)"
+    )
+    adaptive_kl: bool = param(
+        False, "adapt β to hold KL(π‖π_SFT) near kl-target (Ziegler et al. 2019)"
+    )
+    kl_target: float = param(6.0, "target KL in nats for the adaptive controller")
+    kl_horizon: int = param(10000, "horizon of the adaptive controller, in sequences")
+    gamma: float = param(1.0, "discount γ of GAE")
+    lam: float = param(0.95, "λ of GAE")
+    clip: float = param(0.2, "ε of the clipped surrogate objective")
+    value_clip: float = param(0.2, "clip range of the value loss")
+    value_coef: float = param(
+        1.0, "weight of the value loss (the value model is a separate network)"
+    )
+    whiten_advantages: bool = param(
+        True, "normalise advantages to zero mean and unit variance per rollout batch"
+    )
+    ptx_coef: float = param(
+        0.0, "PPO-ptx: coefficient γ of the pretraining log-likelihood term (0 = plain PPO)"
+    )
+    ptx_batch: int = param(
+        8, "pretraining sequences per gradient step (and process) when ptx-coef > 0"
+    )
+    ptx_len: int = param(48, "tokens per pretraining sequence")
+    max_new_tokens: int = param(32, "longest response sampled")
+    value_init: Literal["reward", "policy"] = param(
+        "reward",
+        'initialise the value model from the reward model ("reward", as InstructGPT) or from the policy with a zero head ("policy")',
+    )
 
     def __post_init__(self):
         check_config(

@@ -28,6 +28,7 @@ from transformer.training import (
     autocast,
     check_config,
     dataclass_from_args,
+    param,
     run_command,
     set_lr,
     warmup_cosine,
@@ -53,22 +54,19 @@ from .stage import add_training_arguments, check_k, ddp, optimizer_step, start_r
 
 @dataclass
 class RewardConfig:
-    steps: int = 200
-    """optimizer steps"""
-    batch_size: int = 16
-    """prompts per step, each with all of its ranked responses (global batch)"""
-    lr: float = 1e-4
-    """peak learning rate (cosine decay to a tenth)"""
-    warmup: int = 10
-    """linear warm-up steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_len: int = 64
-    """longest prompt + response in tokens"""
-    eval_fraction: float = 0.1
-    """share of the rankings held out (by prompt) to measure pairwise accuracy, if no --eval-data"""
-    k: int = 4
-    """embedded task only: responses sampled per prompt for the labeler to rank"""
+    steps: int = param(200, "optimizer steps")
+    batch_size: int = param(
+        16, "prompts per step, each with all of its ranked responses (global batch)"
+    )
+    lr: float = param(1e-4, "peak learning rate (cosine decay to a tenth)")
+    warmup: int = param(10, "linear warm-up steps")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    max_len: int = param(64, "longest prompt + response in tokens")
+    eval_fraction: float = param(
+        0.1,
+        "share of the rankings held out (by prompt) to measure pairwise accuracy, if no --eval-data",
+    )
+    k: int = param(4, "embedded task only: responses sampled per prompt for the labeler to rank")
 
     def __post_init__(self):
         check_config(

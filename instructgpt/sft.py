@@ -21,6 +21,7 @@ from transformer.training import (
     autocast,
     check_config,
     dataclass_from_args,
+    param,
     run_command,
     set_lr,
     warmup_cosine,
@@ -42,20 +43,15 @@ from .stage import add_training_arguments, ddp, optimizer_step, start_run, start
 
 @dataclass
 class SFTConfig:
-    steps: int = 300
-    """optimizer steps"""
-    batch_size: int = 32
-    """demonstrations per step (the global batch, split over processes)"""
-    lr: float = 3e-4
-    """peak learning rate (cosine decay to a tenth)"""
-    warmup: int = 20
-    """linear warm-up steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_len: int = 64
-    """longest prompt + response in tokens (longer responses are cut)"""
-    padding_side: Literal["right", "left"] = "right"
-    """pad batches on the right or left (results are the same; a flag for the tests)"""
+    steps: int = param(300, "optimizer steps")
+    batch_size: int = param(32, "demonstrations per step (the global batch, split over processes)")
+    lr: float = param(3e-4, "peak learning rate (cosine decay to a tenth)")
+    warmup: int = param(20, "linear warm-up steps")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    max_len: int = param(64, "longest prompt + response in tokens (longer responses are cut)")
+    padding_side: Literal["right", "left"] = param(
+        "right", "pad batches on the right or left (results are the same; a flag for the tests)"
+    )
 
     def __post_init__(self):
         check_config(

@@ -29,39 +29,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention, StaticKVCache, padding_mask
-from .training.config import ConfigError, check_config
+from .training.config import ConfigError, check_config, param
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     """The model's shape; the defaults are the paper's base model (Table 3)."""
 
-    vocab_size: int = 37000
-    "joint source/target vocabulary size (paper: ~37,000 BPE tokens); training sets it from the data"
-    d_model: int = 512
-    "width of every layer's input and output, d_model"
-    n_encoder_layers: int = 6
-    "N, the number of encoder layers"
-    n_decoder_layers: int = 6
-    "N, the number of decoder layers"
-    n_heads: int = 8
-    "h, the number of attention heads (d_k = d_v = d_model / h)"
-    d_ff: int = 2048
-    "inner width of the position-wise feed-forward network, d_ff"
-    dropout: float = 0.1
-    "P_drop: dropout on each sub-layer output and on the embedding + position sums (§5.4)"
-    attention_dropout: float = 0.0
-    "dropout on the attention weights (not in the paper; tensor2tensor later used 0.1)"
-    pre_norm: bool = False
-    "LayerNorm before each sub-layer instead of after the residual sum (not the paper's choice)"
-    tie_embeddings: bool = True
-    "share source, target and output-projection weights (§3.4; needs a joint vocabulary)"
-    max_len: int = 1024
-    "longest sequence the sinusoidal position table covers"
-    norm_eps: float = 1e-5
-    "LayerNorm epsilon"
-    pad_id: int = 0
-    "the padding token's id: never attended to, never predicted (label smoothing gives it no mass)"
+    vocab_size: int = param(
+        37000,
+        "joint source/target vocabulary size (paper: ~37,000 BPE tokens); training sets it from the data",
+    )
+    d_model: int = param(512, "width of every layer's input and output, d_model")
+    n_encoder_layers: int = param(6, "N, the number of encoder layers")
+    n_decoder_layers: int = param(6, "N, the number of decoder layers")
+    n_heads: int = param(8, "h, the number of attention heads (d_k = d_v = d_model / h)")
+    d_ff: int = param(2048, "inner width of the position-wise feed-forward network, d_ff")
+    dropout: float = param(
+        0.1, "P_drop: dropout on each sub-layer output and on the embedding + position sums (§5.4)"
+    )
+    attention_dropout: float = param(
+        0.0, "dropout on the attention weights (not in the paper; tensor2tensor later used 0.1)"
+    )
+    pre_norm: bool = param(
+        False,
+        "LayerNorm before each sub-layer instead of after the residual sum (not the paper's choice)",
+    )
+    tie_embeddings: bool = param(
+        True, "share source, target and output-projection weights (§3.4; needs a joint vocabulary)"
+    )
+    max_len: int = param(1024, "longest sequence the sinusoidal position table covers")
+    norm_eps: float = param(1e-5, "LayerNorm epsilon")
+    pad_id: int = param(
+        0,
+        "the padding token's id: never attended to, never predicted (label smoothing gives it no mass)",
+    )
 
     def __post_init__(self):
         check_config(

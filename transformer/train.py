@@ -62,6 +62,7 @@ from .training import (
     claim_run_directory,
     dataclass_from_args,
     find_checkpoint,
+    param,
     preset_flags,
     run_command,
     select_dtype,
@@ -76,44 +77,42 @@ PACKAGE = "transformer"
 class TrainConfig:
     """How to train; the defaults are the paper's base-model recipe (§5)."""
 
-    steps: int = 100000
-    "optimizer steps in total (paper: 100k for base, 300k for big)"
-    batch_tokens: int = 25000
-    "source (and target) tokens per optimizer step, summed over processes (paper: about 25,000)"
-    micro_batch_tokens: int = 4096
-    "padded tokens per forward/backward pass; gradients accumulate up to --batch-tokens"
-    warmup_steps: int = 4000
-    "linear warmup of the learning rate before its inverse-square-root decay (Eq. 3)"
-    lr_scale: float = 1.0
-    "multiplies the whole Eq. (3) schedule (1 in the paper)"
-    adam_beta1: float = 0.9
-    "Adam β1 (§5.3)"
-    adam_beta2: float = 0.98
-    "Adam β2 (§5.3)"
-    adam_eps: float = 1e-9
-    "Adam ε (§5.3)"
-    label_smoothing: float = 0.1
-    "ε_ls of label smoothing (§5.4)"
-    bpe_vocab_size: int = 37000
-    "size of the joint BPE vocabulary trained on the training files (paper: about 37,000)"
-    max_sentence_tokens: int = 256
-    "training pairs with a side longer than this many tokens are skipped"
-    checkpoint_every: int = 1000
-    "write a checkpoint every this many steps (and at the end)"
-    keep_checkpoints: int = 5
-    "how many recent checkpoints to keep (translate --average N needs N)"
-    beam_size: int = 4
-    "beam size of the final validation translation (§6.1)"
-    length_penalty: float = 0.6
-    "length penalty α of beam search (§6.1)"
-    task_train_size: int = 20000
-    "embedded task: number of generated training pairs"
-    task_valid_size: int = 500
-    "embedded task: number of held-out validation pairs"
-    samples: int = 5
-    "validation translations printed at the end"
-    target_exact_match: float = 0.0
-    "stop early once the validation exact match (greedy, checked each epoch) reaches this; 0 = never"
+    steps: int = param(100000, "optimizer steps in total (paper: 100k for base, 300k for big)")
+    batch_tokens: int = param(
+        25000,
+        "source (and target) tokens per optimizer step, summed over processes (paper: about 25,000)",
+    )
+    micro_batch_tokens: int = param(
+        4096, "padded tokens per forward/backward pass; gradients accumulate up to --batch-tokens"
+    )
+    warmup_steps: int = param(
+        4000, "linear warmup of the learning rate before its inverse-square-root decay (Eq. 3)"
+    )
+    lr_scale: float = param(1.0, "multiplies the whole Eq. (3) schedule (1 in the paper)")
+    adam_beta1: float = param(0.9, "Adam β1 (§5.3)")
+    adam_beta2: float = param(0.98, "Adam β2 (§5.3)")
+    adam_eps: float = param(1e-9, "Adam ε (§5.3)")
+    label_smoothing: float = param(0.1, "ε_ls of label smoothing (§5.4)")
+    bpe_vocab_size: int = param(
+        37000,
+        "size of the joint BPE vocabulary trained on the training files (paper: about 37,000)",
+    )
+    max_sentence_tokens: int = param(
+        256, "training pairs with a side longer than this many tokens are skipped"
+    )
+    checkpoint_every: int = param(1000, "write a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = param(
+        5, "how many recent checkpoints to keep (translate --average N needs N)"
+    )
+    beam_size: int = param(4, "beam size of the final validation translation (§6.1)")
+    length_penalty: float = param(0.6, "length penalty α of beam search (§6.1)")
+    task_train_size: int = param(20000, "embedded task: number of generated training pairs")
+    task_valid_size: int = param(500, "embedded task: number of held-out validation pairs")
+    samples: int = param(5, "validation translations printed at the end")
+    target_exact_match: float = param(
+        0.0,
+        "stop early once the validation exact match (greedy, checked each epoch) reaches this; 0 = never",
+    )
 
     def __post_init__(self):
         check_config(

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention
-from transformer.training import check_config, config_from_dict
+from transformer.training import check_config, config_from_dict, param
 
 from .cache import Cache, attention_inputs
 from .errors import XLlamaError
@@ -45,41 +45,49 @@ from .errors import XLlamaError
 class LlamaConfig:
     """Shape of a Llama model. Defaults are Llama 2 7B (Touvron et al. 2023, Table 1 / params.json)."""
 
-    dim: int = 4096
-    """model width d_model (hidden size)"""
-    n_layers: int = 32
-    """number of Transformer blocks"""
-    n_heads: int = 32
-    """number of query heads; head_dim = dim // n_heads"""
-    n_kv_heads: int | None = None
-    """number of key/value heads: None or n_heads = MHA, 1 = MQA, in between = GQA"""
-    vocab_size: int = 32000
-    """vocabulary size (rows of the embedding and of the output projection)"""
-    multiple_of: int = 256
-    """SwiGLU hidden size is rounded up to a multiple of this (Llama's hidden-size rule)"""
-    ffn_dim_multiplier: float | None = None
-    """scales the SwiGLU hidden size 2/3 * 4 * dim before rounding (1.3 for Llama 2 70B)"""
-    ffn_hidden_dim: int | None = None
-    """explicit SwiGLU hidden size (HF intermediate_size); None = Llama's rule from dim"""
-    norm_eps: float = 1e-5
-    """epsilon inside RMSNorm's square root"""
-    max_seq_len: int = 4096
-    """longest sequence (context length): rotary tables and KV caches are built for this"""
-    rope_theta: float = 10000.0
-    """rotary base: pair i turns at angle position * theta^(-2i / head_dim)"""
-    rope_pairing: Literal["adjacent", "half"] = "adjacent"
-    """which coordinates rotate together: adjacent (x0,x1),(x2,x3).. as in Meta's checkpoints, or
-    half (x_i, x_{i+d/2}) as in Hugging Face checkpoints (rotate_half)"""
-    rope_scaling: float = 1.0
-    """linear position interpolation factor: positions are divided by it (Chen et al. 2023)"""
-    sliding_window: int | None = None
-    """Mistral sliding-window attention: each token sees the last W positions; None = full causal"""
-    tie_embeddings: bool = False
-    """share the token embedding matrix with the output projection"""
-    dropout: float = 0.0
-    """dropout on attention weights and residual branches during training (Llama uses none)"""
-    init_std: float = 0.02
-    """standard deviation of the normal initialisation of every matrix"""
+    dim: int = param(4096, "model width d_model (hidden size)")
+    n_layers: int = param(32, "number of Transformer blocks")
+    n_heads: int = param(32, "number of query heads; head_dim = dim // n_heads")
+    n_kv_heads: int | None = param(
+        None, "number of key/value heads: None or n_heads = MHA, 1 = MQA, in between = GQA"
+    )
+    vocab_size: int = param(
+        32000, "vocabulary size (rows of the embedding and of the output projection)"
+    )
+    multiple_of: int = param(
+        256, "SwiGLU hidden size is rounded up to a multiple of this (Llama's hidden-size rule)"
+    )
+    ffn_dim_multiplier: float | None = param(
+        None, "scales the SwiGLU hidden size 2/3 * 4 * dim before rounding (1.3 for Llama 2 70B)"
+    )
+    ffn_hidden_dim: int | None = param(
+        None, "explicit SwiGLU hidden size (HF intermediate_size); None = Llama's rule from dim"
+    )
+    norm_eps: float = param(1e-5, "epsilon inside RMSNorm's square root")
+    max_seq_len: int = param(
+        4096, "longest sequence (context length): rotary tables and KV caches are built for this"
+    )
+    rope_theta: float = param(
+        10000.0, "rotary base: pair i turns at angle position * theta^(-2i / head_dim)"
+    )
+    rope_pairing: Literal["adjacent", "half"] = param(
+        "adjacent",
+        "which coordinates rotate together: adjacent (x0,x1),(x2,x3).. as in Meta's checkpoints, or half (x_i, x_{i+d/2}) as in Hugging Face checkpoints (rotate_half)",
+    )
+    rope_scaling: float = param(
+        1.0, "linear position interpolation factor: positions are divided by it (Chen et al. 2023)"
+    )
+    sliding_window: int | None = param(
+        None,
+        "Mistral sliding-window attention: each token sees the last W positions; None = full causal",
+    )
+    tie_embeddings: bool = param(
+        False, "share the token embedding matrix with the output projection"
+    )
+    dropout: float = param(
+        0.0, "dropout on attention weights and residual branches during training (Llama uses none)"
+    )
+    init_std: float = param(0.02, "standard deviation of the normal initialisation of every matrix")
 
     def __post_init__(self):
         check_config(

@@ -40,6 +40,7 @@ from transformer.training import (
     claim_run_directory,
     dataclass_from_args,
     find_checkpoint,
+    param,
     preset_flags,
     run_command,
     seed_everything,
@@ -58,43 +59,31 @@ from .tokenization import BPE, CharTokenizer, load_tokenizer
 class TrainConfig:
     """Optimisation settings; defaults follow Llama 2 §2.2 scaled to a CPU-sized run."""
 
-    steps: int = 1000
-    """optimizer steps (the cosine schedule spans them)"""
-    batch_size: int = 32
-    """sequences per optimizer step, summed over gradient-accumulation steps and processes"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step (gradient accumulation)"""
-    lr: float = 1e-3
-    """peak learning rate"""
-    min_lr: float = 1e-4
-    """learning rate at the end of the cosine decay (Llama 2: a tenth of the peak)"""
-    warmup_steps: int = 50
-    """linear warm-up steps"""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay, on matrices only (not norms)"""
-    beta1: float = 0.9
-    """AdamW β1"""
-    beta2: float = 0.95
-    """AdamW β2"""
-    eps: float = 1e-5
-    """AdamW ε"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm to this (0 = off)"""
-    time_limit: float | None = None
-    """minutes of training: the cosine schedule follows elapsed time and training stops there
-    (0 = no limit: the schedule follows steps)"""
-    eval_every: int = 200
-    """estimate the validation loss every N steps (0 = only at the end)"""
-    eval_batches: int = 20
-    """batches of batch_size windows per validation estimate"""
-    val_fraction: float = 0.1
-    """last fraction of the token stream held out for validation"""
-    checkpoint_every: int = 500
-    """write a checkpoint every N steps (0 = only at the end)"""
-    sample_tokens: int = 200
-    """tokens to generate at the end"""
-    sample_prompt: str = "\n"
-    """text the final sample continues"""
+    steps: int = param(1000, "optimizer steps (the cosine schedule spans them)")
+    batch_size: int = param(
+        32, "sequences per optimizer step, summed over gradient-accumulation steps and processes"
+    )
+    grad_accum: int = param(1, "micro-batches per optimizer step (gradient accumulation)")
+    lr: float = param(1e-3, "peak learning rate")
+    min_lr: float = param(
+        1e-4, "learning rate at the end of the cosine decay (Llama 2: a tenth of the peak)"
+    )
+    warmup_steps: int = param(50, "linear warm-up steps")
+    weight_decay: float = param(0.1, "AdamW decoupled weight decay, on matrices only (not norms)")
+    beta1: float = param(0.9, "AdamW β1")
+    beta2: float = param(0.95, "AdamW β2")
+    eps: float = param(1e-5, "AdamW ε")
+    grad_clip: float = param(1.0, "clip the global gradient norm to this (0 = off)")
+    time_limit: float | None = param(
+        None,
+        "minutes of training: the cosine schedule follows elapsed time and training stops there (0 = no limit: the schedule follows steps)",
+    )
+    eval_every: int = param(200, "estimate the validation loss every N steps (0 = only at the end)")
+    eval_batches: int = param(20, "batches of batch_size windows per validation estimate")
+    val_fraction: float = param(0.1, "last fraction of the token stream held out for validation")
+    checkpoint_every: int = param(500, "write a checkpoint every N steps (0 = only at the end)")
+    sample_tokens: int = param(200, "tokens to generate at the end")
+    sample_prompt: str = param("\n", "text the final sample continues")
 
     def __post_init__(self):
         check_config(

@@ -15,6 +15,7 @@ from transformer.training import (
     check_checkpoint,
     dataclass_from_args,
     load_weights,
+    param,
     save_checkpoint,
 )
 from transformer.training import checkpoint as ckpt
@@ -115,20 +116,16 @@ def test_resume_with_other_model_config_names_the_field(tmp_path):
     assert "width (checkpoint 16, expected 8)" in result.stderr
 
 
-def test_dataclass_flags_take_docstrings_and_override_presets():
+def test_dataclass_flags_take_their_meaning_and_override_presets():
     import argparse
     from dataclasses import dataclass
 
     @dataclass
     class Config:
-        d_model: int = 512
-        """Model width."""
-        dropout: float = 0.1
-        """Dropout rate."""
-        pre_norm: bool = False
-        """Pre-norm residual blocks."""
-        sizes: tuple[int, ...] = (1, 2)
-        """Channel multipliers."""
+        d_model: int = param(512, "Model width.")
+        dropout: float = param(0.1, "Dropout rate.")
+        pre_norm: bool = param(False, "Pre-norm residual blocks.")
+        sizes: tuple[int, ...] = param((1, 2), "Channel multipliers.")
 
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, Config)
@@ -167,3 +164,29 @@ def test_setup_distributed_twice_in_one_process_joins_once(tmp_path):
     result = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "closed0").is_file() and (tmp_path / "closed1").is_file()
+
+
+def test_every_config_field_has_a_meaning_for_help():
+    """Flags get their help from `param(default, "meaning")`, not from source files: a field
+    without one would show an empty help line."""
+    import dataclasses
+
+    from dali.diffusion import DiffusionConfig
+    from dali.model import UNetConfig
+    from dali.train import TrainConfig as DaliTrain
+    from instructgpt.dpo import DPOConfig
+    from instructgpt.pipeline import PipelineConfig
+    from instructgpt.ppo import PPOConfig
+    from instructgpt.reward import RewardConfig
+    from instructgpt.sft import SFTConfig
+    from transformer.model import TransformerConfig
+    from transformer.train import TrainConfig as TransformerTrain
+    from xllama.model import LlamaConfig
+    from xllama.train import TrainConfig as XllamaTrain
+
+    configs = [DiffusionConfig, UNetConfig, DaliTrain, DPOConfig, PipelineConfig, PPOConfig,
+               RewardConfig, SFTConfig, TransformerConfig, TransformerTrain, LlamaConfig,
+               XllamaTrain]  # fmt: skip
+    missing = [f"{c.__name__}.{f.name}" for c in configs for f in dataclasses.fields(c)
+               if not f.metadata.get("help")]  # fmt: skip
+    assert missing == []

@@ -36,7 +36,7 @@ from .cli import (
     positive_int,
     preset_flags,
 )
-from .config import ConfigError, check_config, config_from_dict
+from .config import ConfigError, check_config, config_from_dict, param
 from .run import (
     NonFiniteError,
     RunDirectoryError,
@@ -87,6 +87,7 @@ __all__ = [
     "load_train_state",
     "load_weights",
     "one_line",
+    "param",
     "lock_run_directory",
     "read_config",
     "run_command",

@@ -1,18 +1,15 @@
 """Command-line plumbing shared by every command of every package.
 
-- Config dataclasses become flags: each field is `--field-name`, its help is the field's attribute
-  docstring (the string literal written under it), and its default is shown. Flags left out keep
+- Config dataclasses become flags: each field is `--field-name`, its help is the meaning given
+  with `param(default, "meaning")`, and the default shown is the chosen preset's value. Flags left out keep
   the value of the named preset (`--config small`) or the dataclass default.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import math
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -60,29 +57,6 @@ non_negative_int = int_at_least(0)
 non_negative_float = float_in(0.0)
 
 
-def field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: {field name: the string literal written under it}."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body
-        for node, after in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
 def _flag_type(annotation):
     """(converter, nargs, choices) for a dataclass field's type."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -106,7 +80,6 @@ def add_dataclass_arguments(
     shows the values a run will use; without it, the dataclass defaults.
     """
     group = parser.add_argument_group(title or cls.__name__)
-    docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -116,7 +89,7 @@ def add_dataclass_arguments(
             default = getattr(values, f.name)
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
         if hints[f.name] is bool:
             group.add_argument(
                 flag,

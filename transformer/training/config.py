@@ -3,12 +3,15 @@ notebook and a command get the same one-line error, before any work starts.
 
     @dataclass(frozen=True)
     class TrainConfig:
-        steps: int = 1000
-        lr: float = 1e-3
-        dropout: float = 0.0
+        steps: int = param(1000, "optimizer steps")
+        lr: float = param(1e-3, "peak learning rate")
+        dropout: float = param(0.0, "dropout on residual branches")
 
         def __post_init__(self):
             check_config(self, positive=("steps", "lr"), probability=("dropout",))
+
+Fields are declared with `param(default, "meaning")`, so `--help` has their meaning without
+reading the source.
 
 Every field is checked against its annotation (an `int` field refuses "3", 2.5 and True; a `float`
 field refuses NaN and ±inf; a `Literal` field names its choices; `X | None` also takes None), so a
@@ -25,6 +28,12 @@ import types
 import typing
 
 from .errors import UserError
+
+
+def param(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+    """A config field with its one-line meaning, which `--help` shows beside the flag:
+    `steps: int = param(1000, "optimizer steps")`; `factory=` for a list default."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
 
 
 class ConfigError(UserError, ValueError):
