@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.attention import MultiHeadAttention
+from transformer.attention import MultiHeadAttention, scaled_dot_product_attention
 from transformer.training import check_config, config_from_dict, param
 
 from .cache import Cache, attention_inputs
@@ -391,9 +391,9 @@ class TokenDecoder:
       block runs four matrix products instead of seven (the weights are copied once per call of
       `generate`; the model's parameters and their names are untouched);
     - queries and keys are rotated together, with the step's cos/sin row shared by every layer;
-    - a single new query may see every cached key, so attention needs no mask, and the query heads
-      of a key/value group are folded into the sequence axis (as `scaled_dot_product_attention`
-      does), so grouped keys are never repeated.
+    - a single new query may see every cached key, so attention needs no mask; the shared
+      `scaled_dot_product_attention` folds the query heads of a key/value group into the sequence
+      axis, so grouped keys are never repeated.
 
     `supports(model, cache)` says when it applies (eval mode, no left padding, no rolling buffer);
     the tests check its logits against `Llama.forward` step by step.
@@ -429,9 +429,8 @@ class TokenDecoder:
             qkv = qkv.view(batch, 1, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
             qk = rotary.rotate(qkv[:, : n_heads + n_kv])
             k, v = layer_cache.update(qk[:, n_heads:], qkv[:, n_heads + n_kv :])
-            q = qk[:, :n_heads].reshape(batch, n_kv, n_heads // n_kv, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v)  # (batch, n_kv, group, head_dim)
-            h = h + F.linear(y.reshape(batch, 1, n_heads * head_dim), w_o)
+            y = scaled_dot_product_attention(qk[:, :n_heads], k, v)  # (batch, heads, 1, head_dim)
+            h = h + F.linear(y.transpose(1, 2).reshape(batch, 1, n_heads * head_dim), w_o)
             gate, up = F.linear(layer.ffn_norm(h), w_gate_up).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, w_down)
         return model.output(model.norm(h[:, 0])).float()
