@@ -39,6 +39,7 @@ from transformer.training import (
     add_common_arguments,
     add_dataclass_arguments,
     check_config,
+    choose_preset,
     claim_run_directory,
     dataclass_from_args,
     lock_run_directory,
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
         help="preset: default (the run the README reports) or tiny (a seconds-long smoke run, "
         "for tests); flags override single fields (default: default)",
     )  # fmt: skip
-    preset = PRESETS[preset_flags(argv, config="default").config]
+    preset = choose_preset(PRESETS, preset_flags(argv, config="default").config)
     add_dataclass_arguments(parser, PipelineConfig, "pipeline (the preset's values)", preset)
     add_common_arguments(parser, training=False)
     args = parser.parse_args(argv)

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xllama.tokenization import BPE, EOS
+from xllama.tokenization import BPE, EOS, FILE_NAME
 
 from .data import InstructGPTError
-
-TOKENIZER_FILE = "tokenizer.bpe"
 
 
 def load_task_tokenizer(path: Path) -> BPE:
@@ -26,11 +24,11 @@ def load_task_tokenizer(path: Path) -> BPE:
 def find_tokenizer(path: Path) -> Path:
     """`tokenizer.bpe` in a checkpoint directory, its run directory, or `path` itself."""
     path = Path(path)
-    for candidate in (path, path / TOKENIZER_FILE, path.parent.parent / TOKENIZER_FILE):
+    for candidate in (path, path / FILE_NAME, path.parent.parent / FILE_NAME):
         if candidate.is_file() and candidate.name.endswith(".bpe"):
             return candidate
     raise InstructGPTError(
-        f"no {TOKENIZER_FILE} found with {path} (looked in the checkpoint and its run directory)"
+        f"no {FILE_NAME} found with {path} (looked in the checkpoint and its run directory)"
     )
 
 

@@ -169,6 +169,7 @@ FLAGS = [
     (pipeline, ["--n-heads", "5", *OUT], "dim (96) must be divisible by n_heads (5)"),
     (pipeline, ["--max-new-tokens", "64", *OUT], "leaves no room for a prompt"),
     (pipeline, ["--k", "1", *OUT], "PipelineConfig.k must be at least 2"),
+    (pipeline, ["--config", "huge", *OUT], "unknown config 'huge'"),
     (igpt_evaluate, ["--a", "x", "--b", "y", "--samples", "0"], "--samples: must be at least 1"),
     # the tokenizer's own commands
     (tok_train, ["--vocab-size", "10", *OUT], "vocab"),

@@ -16,9 +16,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from .model import XLlamaError
+from tokenizer.fileformat import FILE_NAME
 
-FILE_NAME = "tokenizer.bpe"  # tokenizer.fileformat.FILE_NAME, without importing the tokenizer
+from .model import XLlamaError
 
 
 class CharTokenizer:

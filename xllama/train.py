@@ -110,6 +110,29 @@ class Preset:
     train: TrainConfig
 
 
+_SHAKESPEARE_CHAR = Preset(
+    LlamaConfig(
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=65,
+        multiple_of=32,
+        max_seq_len=64,
+    ),
+    TrainConfig(
+        steps=5000,
+        batch_size=12,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        time_limit=3.0,
+        weight_decay=0.1,
+        eval_every=500,
+        sample_tokens=300,
+    ),
+)
+
 PRESETS: dict[str, Preset] = {
     # Tests: a few thousand parameters, seconds.
     "tiny": Preset(
@@ -149,49 +172,11 @@ PRESETS: dict[str, Preset] = {
         ),
     ),
     # Tiny Shakespeare, characters, 3 minutes of CPU (nanoGPT's shakespeare_char CPU run).
-    "shakespeare-char": Preset(
-        LlamaConfig(
-            dim=128,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=4,
-            vocab_size=65,
-            multiple_of=32,
-            max_seq_len=64,
-        ),
-        TrainConfig(
-            steps=5000,
-            batch_size=12,
-            lr=2e-3,
-            min_lr=2e-4,
-            warmup_steps=100,
-            time_limit=3.0,
-            weight_decay=0.1,
-            eval_every=500,
-            sample_tokens=300,
-        ),
-    ),
-    # Tiny Shakespeare with our BPE (vocabulary 512), the same budget.
+    "shakespeare-char": _SHAKESPEARE_CHAR,
+    # Tiny Shakespeare with our BPE (vocabulary 512), the same model and budget.
     "shakespeare-bpe": Preset(
-        LlamaConfig(
-            dim=128,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=4,
-            vocab_size=512,
-            multiple_of=32,
-            max_seq_len=64,
-        ),
-        TrainConfig(
-            steps=5000,
-            batch_size=12,
-            lr=2e-3,
-            min_lr=2e-4,
-            warmup_steps=100,
-            time_limit=3.0,
-            eval_every=500,
-            sample_tokens=200,
-        ),
+        replace(_SHAKESPEARE_CHAR.model, vocab_size=512),
+        replace(_SHAKESPEARE_CHAR.train, sample_tokens=200),
     ),
     # GPT-2 small's size (124M with GPT-2's vocabulary), for GPU runs.
     "gpt2-124m": Preset(

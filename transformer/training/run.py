@@ -43,6 +43,7 @@ import shutil
 import signal
 import socket
 import time
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -235,7 +236,6 @@ class TrainingRun:
             write_json_atomic(self.out / "config.json", self.config)
             if resume is None:
                 (self.out / "metrics.jsonl").write_text("")
-        self.dist.barrier()
 
     # -- resume ---------------------------------------------------------------------------------
     def _restore(self, checkpoint: Path) -> None:
@@ -409,7 +409,8 @@ class TrainingRun:
 
 def _non_finite_tensors(model: torch.nn.Module) -> list[str]:
     """Names of the model's floating-point parameters and buffers holding a NaN or an inf."""
-    tensors = [(n, t) for n, t in model.state_dict().items() if t.is_floating_point()]
+    named = chain(model.named_parameters(), model.named_buffers())
+    tensors = [(n, t.detach()) for n, t in named if t.is_floating_point()]
     if not tensors:
         return []
     finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
