@@ -1,10 +1,12 @@
 """xllama against Hugging Face `LlamaForCausalLM` (SDPA attention), same weights, float32, one process.
 
-    python benchmarks/xllama.py [--threads 2] [--repeats 5] [--configs bench-4.9m bench-31.6m]
+    python benchmarks/xllama.py [--threads 2] [--repeats 5] [--configs bench-4.9m bench-31.6m] [--compile]
 
 Reports, per config:
 - decoding tokens/s, batch 1 and batch 8, 256 new tokens after a 16-token prompt (greedy), ours
-  (`xllama.generate`) against `transformers` `generate`; medians of interleaved repeats;
+  (`xllama.generate`) against `transformers` `generate`; medians of interleaved repeats; with
+  `--compile`, also ours with the one-token step under `torch.compile` (`generate(compile=True)`,
+  compiled before timing);
 - for batch-1 decoding, the weight bytes read per second as a fraction of the memory bandwidth
   measured here (a large tensor copy): the physical limit of batch-1 decoding;
 - one training step (batch 8 x 256 tokens, forward + backward + AdamW) in ms, ours against HF;
@@ -88,11 +90,13 @@ def time_it(fn) -> float:
     return time.perf_counter() - t
 
 
-def decode_bench(ours, theirs, batch: int, repeats: int, prompt_len=16, new=256):
+def decode_bench(ours, theirs, batch: int, repeats: int, compile=False, prompt_len=16, new=256):
+    """tokens/s of ours, HF's and (with `compile`, else None) ours compiled; same greedy rows."""
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, vocab, (batch, prompt_len), generator=g)
     ours_fn = lambda: generate(ours, prompts.tolist(), new, temperature=0)
+    compiled_fn = lambda: generate(ours, prompts.tolist(), new, temperature=0, compile=True)
     hf_fn = lambda: theirs.generate(
         prompts,
         attention_mask=torch.ones_like(prompts),
@@ -107,12 +111,19 @@ def decode_bench(ours, theirs, batch: int, repeats: int, prompt_len=16, new=256)
         a = ours_fn()
         b = hf_fn()[:, prompt_len:].tolist()
         same = sum(x == y for x, y in zip(a, b))
-        t_ours, t_hf = [], []
-        for _ in range(repeats):  # interleaved so background load hits both alike
+        if compile:
+            same_compiled = sum(x == y for x, y in zip(compiled_fn(), a))  # compiles here
+        t_ours, t_hf, t_compiled = [], [], []
+        for _ in range(repeats):  # interleaved so background load hits all alike
             t_ours.append(time_it(ours_fn))
             t_hf.append(time_it(hf_fn))
+            if compile:
+                t_compiled.append(time_it(compiled_fn))
     tokens = batch * new
-    return tokens / statistics.median(t_ours), tokens / statistics.median(t_hf), same
+    speed = lambda times: tokens / statistics.median(times) if times else None
+    if compile:
+        same = min(same, same_compiled)
+    return speed(t_ours), speed(t_hf), speed(t_compiled), same
 
 
 def train_bench(ours, theirs, repeats: int, batch=8, seq=256):
@@ -176,6 +187,9 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--skip-cache", action="store_true", help="no cached/uncached table")
     parser.add_argument("--skip-train", action="store_true", help="no training-step table")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time ours with the decoding step compiled"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -186,17 +200,21 @@ def main(argv=None) -> int:
         f"{args.threads} threads, float32; measured copy bandwidth {bw / 1e9:.1f} GB/s"
     )
     print()
-    print("| config | params | batch | ours tok/s | HF tok/s | ours/HF | same greedy rows |")
-    print("|---|---|---|---|---|---|---|")
+    compiled_head = " ours compiled tok/s | compiled/HF |" if args.compile else ""
+    print(
+        f"| config | params | batch | ours tok/s | HF tok/s | ours/HF |{compiled_head} same greedy rows |"
+    )
+    print("|---|---|---|---|---|---|" + "---|" * (3 if args.compile else 1))
     results = {}
     for name in args.configs:
         ours, theirs = build_pair(name)
         n = ours.num_params()
         for batch in (1, 8):
-            o, h, same = decode_bench(ours, theirs, batch, args.repeats)
+            o, h, c, same = decode_bench(ours, theirs, batch, args.repeats, args.compile)
             results[(name, batch)] = (o, h)
-            print(f"| {name} | {n / 1e6:.1f}M | {batch} | {o:.0f} | {h:.0f} | {o / h:.2f}x | "
-                  f"{same}/{batch} |")  # fmt: skip
+            compiled = f" {c:.0f} | {c / h:.2f}x |" if args.compile else ""
+            print(f"| {name} | {n / 1e6:.1f}M | {batch} | {o:.0f} | {h:.0f} | {o / h:.2f}x |"
+                  f"{compiled} {same}/{batch} |")  # fmt: skip
         results[name] = (ours, theirs)
     print()
     print("Batch-1 decoding against the memory-bandwidth limit (weights read once per token; the")

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the one the checkpoint names, or tokenizer.model beside it",
     )
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end only")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the one-token decoding step under torch.compile: the same forward, compiled on "
+        "the first step (tens of seconds on a CPU, which needs a C++ compiler); pays off for long "
+        "generations (default: off)",
+    )
     add_common_arguments(parser, training=False)
     return parser
 
@@ -150,6 +157,7 @@ def main(argv=None) -> int:
         stop_at_eos=not args.no_stop_at_eos,
         eos_id=tokenizer.eos_id,
         on_token=stream,
+        compile=args.compile,
     )[0]
     elapsed = time.perf_counter() - start
     if stream is None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.attention import MultiHeadAttention, scaled_dot_product_attention
+from transformer.attention import MultiHeadAttention
 from transformer.training import check_config, config_from_dict, param
 
 from .cache import Cache, attention_inputs
@@ -216,36 +216,39 @@ def rope_tables(
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairing: str = "adjacent") -> Tensor:
+def apply_rope(x: Tensor, rotation: Tensor, pairing: str = "adjacent") -> Tensor:
     """Rotate each pair of coordinates of x (..., T, head_dim) by its angle (RoFormer Eq. 34).
 
-    `cos`/`sin` broadcast to (..., T, head_dim / 2). With `adjacent` pairing, coordinates (2i, 2i+1)
-    form pair i (Meta's complex-number formulation); with `half`, coordinates (i, i + d/2) do (the
-    Hugging Face `rotate_half` layout). The two are the same model up to a fixed permutation of the
-    rows of W_q and W_k inside each head (see `xllama.convert.permute_to_half`).
+    `rotation` holds e^{i m θ_j} = cos + i·sin as complex numbers, broadcastable to
+    (..., T, head_dim / 2) (Meta's `freqs_cis`). With `adjacent` pairing, coordinates (2j, 2j+1)
+    form pair j, read as one complex number and multiplied by its rotation (Meta's formulation);
+    with `half`, coordinates (j, j + d/2) do (the Hugging Face `rotate_half` layout). The two are the
+    same model up to a fixed permutation of the rows of W_q and W_k inside each head (see
+    `xllama.convert.permute_to_half`). Computed in float32, returned in x's dtype.
     """
     x32 = x.float()
-    if pairing == "adjacent":  # (x_2i, x_2i+1) as a complex number, times e^{i m θ_i}
+    if pairing == "adjacent":  # (x_2j, x_2j+1) as a complex number, times e^{i m θ_j}
         pairs = torch.view_as_complex(x32.reshape(*x.shape[:-1], -1, 2))
-        out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
-    else:  # (x_i, x_{i+d/2}): rotate_half
+        out = torch.view_as_real(pairs * rotation).flatten(-2)
+    else:  # (x_j, x_{j+d/2}): rotate_half
+        cos, sin = rotation.real, rotation.imag
         x1, x2 = x32.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.type_as(x)
 
 
 class Rotary:
-    """The `rotary` hook of MultiHeadAttention for one forward pass: `apply_rope` to q and k with
-    the positions' cos/sin rows, looked up once per forward and shared by every layer."""
+    """The `rotary` hook of MultiHeadAttention for one forward pass: `apply_rope` to q and k. The
+    positions' rotations e^{i m θ} are built once per forward from the cos/sin tables and shared by
+    every layer."""
 
     def __init__(self, cos: Tensor, sin: Tensor, pairing: str):
-        self.cos, self.sin, self.pairing = cos, sin, pairing
-
-    def rotate(self, x: Tensor) -> Tensor:
-        return apply_rope(x, self.cos, self.sin, self.pairing)
+        self.rotation, self.pairing = torch.complex(cos, sin), pairing
 
     def __call__(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        return self.rotate(q), self.rotate(k)
+        return apply_rope(q, self.rotation, self.pairing), apply_rope(
+            k, self.rotation, self.pairing
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,61 +382,6 @@ class Llama(nn.Module):
         h = self.hidden_states(tokens, attention_mask, positions, cache)
         logits = self.output(h[:, -1:] if last_only else h).float()
         return (logits, h) if return_hidden else logits
-
-
-class TokenDecoder:
-    """One-token decoding steps for generation: `Llama.forward` with a cache, T = 1, no padding.
-
-    The same maths as the blocks above, written for the step that generation repeats hundreds of
-    times, where at small sizes the time goes to per-operation overhead rather than arithmetic:
-
-    - W_q, W_k, W_v are stacked into one matrix and the SwiGLU gate W1 and up W3 into another, so a
-      block runs four matrix products instead of seven (the weights are copied once per call of
-      `generate`; the model's parameters and their names are untouched);
-    - queries and keys are rotated together, with the step's cos/sin row shared by every layer;
-    - a single new query may see every cached key, so attention needs no mask; the shared
-      `scaled_dot_product_attention` folds the query heads of a key/value group into the sequence
-      axis, so grouped keys are never repeated.
-
-    `supports(model, cache)` says when it applies (eval mode, no left padding, no rolling buffer);
-    the tests check its logits against `Llama.forward` step by step.
-    """
-
-    def __init__(self, model: Llama):
-        self.model = model
-        self.blocks = []
-        for layer in model.layers:
-            attn, ffn = layer.attention, layer.feed_forward
-            qkv = torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight))
-            gate_up = torch.cat((ffn.w1.weight, ffn.w3.weight))
-            self.blocks.append((layer, qkv, attn.wo.weight, gate_up, ffn.w2.weight))
-
-    @staticmethod
-    def supports(model: Llama, cache: Cache) -> bool:
-        return not model.training and cache.pad is None and not cache.rolling
-
-    def __call__(self, tokens: Tensor, cache: Cache) -> Tensor:
-        """Logits (batch, vocab) in float32 of the next token after `tokens` (batch,)."""
-        model, c = self.model, self.model.config
-        n_heads, n_kv, head_dim = c.n_heads, c.kv_heads, c.head_dim
-        batch, start = tokens.size(0), cache.length
-        if start + 1 > cache.max_len:
-            raise XLlamaError(f"sequence of {start + 1} tokens does not fit the cache")
-        cache.length = start + 1
-        rotary = Rotary(
-            model.rope_cos.narrow(0, start, 1), model.rope_sin.narrow(0, start, 1), c.rope_pairing
-        )
-        h = model.tok_embeddings(tokens)[:, None]  # (batch, 1, dim)
-        for (layer, w_qkv, w_o, w_gate_up, w_down), layer_cache in zip(self.blocks, cache.layers):
-            qkv = F.linear(layer.attention_norm(h), w_qkv)
-            qkv = qkv.view(batch, 1, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
-            qk = rotary.rotate(qkv[:, : n_heads + n_kv])
-            k, v = layer_cache.update(qk[:, n_heads:], qkv[:, n_heads + n_kv :])
-            y = scaled_dot_product_attention(qk[:, :n_heads], k, v)  # (batch, heads, 1, head_dim)
-            h = h + F.linear(y.transpose(1, 2).reshape(batch, 1, n_heads * head_dim), w_o)
-            gate, up = F.linear(layer.ffn_norm(h), w_gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w_down)
-        return model.output(model.norm(h[:, 0])).float()
 
 
 def count_params_meta(config: LlamaConfig) -> int:

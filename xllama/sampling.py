@@ -10,12 +10,14 @@ float32 rounding for the logits).
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .model import Llama, TokenDecoder, XLlamaError
+from .model import Llama, XLlamaError
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -81,6 +83,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None):
     return tokens.to(device), mask.to(device)
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: Llama):
+    """`model` under `torch.compile`, for the one-token steps of decoding: the same forward, traced
+    with dynamic shapes (the cache grows by one slot a step) and compiled once per model, on the
+    first call (tens of seconds on a CPU; a C++ compiler is needed there)."""
+    if model not in _COMPILED:
+        # Inductor leaves RoPE's complex product to eager kernels; that is expected, not a problem.
+        warnings.filterwarnings(
+            "ignore", "Torchinductor does not support code generation for complex"
+        )
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
+
+
 @torch.inference_mode()
 def generate(
     model: Llama,
@@ -94,13 +112,15 @@ def generate(
     generator: torch.Generator | None = None,
     on_token: Callable[[Tensor], None] | None = None,
     pad_id: int = 0,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     Returns the new tokens of each row (without its prompt). With `stop_at_eos` and an `eos_id`, a
     row stops after producing EOS (which is included in its result); generation ends when every row
     has stopped. `on_token(next_tokens)` is called with the (batch,) tensor after every step
-    (streaming). The model is put in eval mode for the call.
+    (streaming). The model is put in eval mode for the call. With `compile`, the one-token steps
+    run the same forward under `torch.compile` (see `decode_step`).
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -126,8 +146,7 @@ def generate(
         cache = model.make_cache(batch, longest + max_new_tokens)
         logits = model(tokens, attention_mask=mask if padded else None, cache=cache, last_only=True)
         logits = logits[:, -1]
-        # Unpadded batches take the fused one-token step; padded ones the general forward.
-        decode = TokenDecoder(model) if TokenDecoder.supports(model, cache) else None
+        decode = decode_step(model) if compile else model  # the same forward either way
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         watch_eos = stop_at_eos and eos_id is not None
         done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -144,10 +163,7 @@ def generate(
                     break
             if steps == max_new_tokens:
                 break
-            if decode is not None:
-                logits = decode(next_tokens, cache)
-            else:
-                logits = model(next_tokens[:, None], cache=cache, last_only=True)[:, -1]
+            logits = decode(next_tokens[:, None], cache=cache, last_only=True)[:, -1]
     finally:
         model.train(was_training)
     results = out[:, :steps].tolist()
