@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 from instructgpt.checkpoints import load_policy  # noqa: E402
 from instructgpt.data import corpus_text, read_rankings, task_demonstrations  # noqa: E402
 from instructgpt.dpo import DPOConfig, preference_accuracy, ranking_pairs, train_dpo  # noqa: E402
+from transformer.vocabulary import BPE  # noqa: E402
 from xllama import Llama, LlamaConfig, generate  # noqa: E402
-from xllama.tokenization import BPE  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # 1. rollouts

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformer.training import find_checkpoint, load_weights, read_config
+from transformer.vocabulary import BPE
 from xllama import Llama, LlamaConfig
-from xllama.tokenization import BPE
 
 from .data import InstructGPTError
 from .model import RewardModel

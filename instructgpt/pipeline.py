@@ -51,9 +51,9 @@ from transformer.training import (
     setup_distributed,
     warmup_cosine,
 )
+from transformer.vocabulary import BPE
 from xllama import Llama, LlamaConfig
 from xllama.sampling import token_logprobs
-from xllama.tokenization import BPE
 
 from .batches import rank_slice
 from .checkpoints import load_policy, model_config

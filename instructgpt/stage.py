@@ -22,8 +22,8 @@ from transformer.training import (
     select_dtype,
     setup_distributed,
 )
+from transformer.vocabulary import BPE
 from xllama import LlamaConfig
-from xllama.tokenization import BPE
 
 from .checkpoints import model_config
 

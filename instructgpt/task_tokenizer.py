@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xllama.tokenization import BPE, EOS, FILE_NAME
+from tokenizer.fileformat import FILE_NAME
+from transformer.vocabulary import BPE, EOS
 
 from .data import InstructGPTError
 

@@ -8,18 +8,18 @@
   a string of digits is "translated" into the English words for its digits in reverse order,
   "3 1 4 1 5" -> "five one four one three". The model has to learn a vocabulary mapping and a
   reordering through attention, and exact match is well defined. Its vocabulary is the closed set
-  of words (`WordVocabulary`).
+  of words (`transformer.vocabulary.WordVocabulary`).
 - Batches are built by token count (§5.1: "approximately 25000 source tokens and 25000 target
   tokens"): sentence pairs of similar length are grouped so padding stays small.
 
-Token ids: 0 = padding, 1 = beginning of sentence (BOS, starts the decoder input), 2 = end of
-sentence (EOS, ends both the source and the target); the vocabulary's own tokens follow.
+Special tokens (their ids come from the vocabulary, `transformer.vocabulary`): padding, the
+beginning of sentence (BOS, starts the decoder input) and the end of sentence (EOS, ends both the
+source and the target).
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +28,9 @@ import torch
 
 from .training import UserError, one_line
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
-
 
 class DataError(UserError):
-    """Unreadable, empty or mismatched data files, or a vocabulary that cannot be used."""
+    """Unreadable, empty or mismatched data files."""
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -111,102 +108,21 @@ def embedded_task(train_size: int = 20000, valid_size: int = 500, seed: int = 12
     return train_src, train_tgt, valid_src, valid_tgt
 
 
-# -- vocabularies ---------------------------------------------------------------------------------
-
-
-class WordVocabulary:
-    """A closed vocabulary of whitespace-separated words (the embedded task's)."""
-
-    kind = "words"
-
-    def __init__(self, words: list[str]):
-        self.words = list(words)
-        self.index = {w: i + len(SPECIAL_TOKENS) for i, w in enumerate(self.words)}
-
-    @classmethod
-    def train(cls, texts: list[str]) -> WordVocabulary:
-        return cls(sorted({w for text in texts for w in text.split()}))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(SPECIAL_TOKENS) + len(self.words)
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.index[w] for w in text.split()]
-        except KeyError as exc:
-            raise DataError(f"word {exc.args[0]!r} is not in the vocabulary") from None
-
-    def decode(self, ids: list[int]) -> str:
-        offset = len(SPECIAL_TOKENS)
-        return " ".join(self.words[i - offset] for i in ids if i >= offset)
-
-    def save(self, directory: Path) -> None:
-        (Path(directory) / "vocabulary.json").write_text(
-            json.dumps({"kind": self.kind, "words": self.words}, indent=1) + "\n"
-        )
-
-
-class BPEVocabulary:
-    """A joint byte-level BPE vocabulary from our `tokenizer` package, after the special ids."""
-
-    kind = "bpe"
-    file_name = "bpe.tokenizer"
-
-    def __init__(self, bpe):
-        self.bpe = bpe
-
-    @classmethod
-    def train(cls, texts: list[str], vocab_size: int) -> BPEVocabulary:
-        from tokenizer import BPETokenizer
-
-        return cls(BPETokenizer.train(texts, vocab_size, progress=False))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(SPECIAL_TOKENS) + self.bpe.vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return [i + len(SPECIAL_TOKENS) for i in self.bpe.encode_ordinary(text)]
-
-    def decode(self, ids: list[int]) -> str:
-        offset = len(SPECIAL_TOKENS)
-        return self.bpe.decode([i - offset for i in ids if i >= offset])
-
-    def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        self.bpe.save(str(directory / self.file_name))
-        (directory / "vocabulary.json").write_text(
-            json.dumps({"kind": self.kind, "file": self.file_name}, indent=1) + "\n"
-        )
-
-
-def load_vocabulary(directory: Path):
-    """The vocabulary saved in a run or checkpoint directory."""
-    path = Path(directory) / "vocabulary.json"
-    if not path.is_file():
-        raise DataError(f"no vocabulary.json in {directory}")
-    meta = json.loads(path.read_text())
-    if meta.get("kind") == "words":
-        return WordVocabulary(meta["words"])
-    if meta.get("kind") == "bpe":
-        from tokenizer import BPETokenizer
-
-        return BPEVocabulary(BPETokenizer.load(str(Path(directory) / meta["file"])))
-    raise DataError(f"unknown vocabulary kind {meta.get('kind')!r} in {path}")
-
-
 # -- token ids and batches ------------------------------------------------------------------------
 
 
 @dataclass
 class ParallelData:
-    """Token ids of sentence pairs (EOS not yet appended) and the text they came from."""
+    """Token ids of sentence pairs (EOS not yet appended), the text they came from, and the
+    vocabulary's padding, BOS and EOS ids."""
 
     source: list[list[int]]
     target: list[list[int]]
     source_text: list[str]
     target_text: list[str]
+    pad_id: int
+    bos_id: int
+    eos_id: int
 
     def __len__(self) -> int:
         return len(self.source)
@@ -224,7 +140,7 @@ def encode_pairs(vocab, source: list[str], target: list[str], max_tokens: int = 
     if not pairs:
         raise DataError("no usable sentence pairs (all empty or too long)")
     src, tgt, src_text, tgt_text = map(list, zip(*pairs))
-    return ParallelData(src, tgt, src_text, tgt_text)
+    return ParallelData(src, tgt, src_text, tgt_text, vocab.pad_id, vocab.bos_id, vocab.eos_id)
 
 
 def token_batches(
@@ -257,8 +173,8 @@ def token_batches(
     return batches
 
 
-def _pad(rows: list[list[int]]) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
@@ -266,9 +182,10 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 
 def collate(data: ParallelData, indices: list[int]) -> tuple[torch.Tensor, ...]:
     """(source, target_in, target_out): source + EOS; decoder input BOS + y; prediction y + EOS."""
-    source = _pad([data.source[i] + [EOS_ID] for i in indices])
-    target_in = _pad([[BOS_ID] + data.target[i] for i in indices])
-    target_out = _pad([data.target[i] + [EOS_ID] for i in indices])
+    pad, bos, eos = data.pad_id, data.bos_id, data.eos_id
+    source = _pad([data.source[i] + [eos] for i in indices], pad)
+    target_in = _pad([[bos] + data.target[i] for i in indices], pad)
+    target_out = _pad([data.target[i] + [eos] for i in indices], pad)
     return source, target_in, target_out
 
 
@@ -288,5 +205,6 @@ def source_batches(ids: list[list[int]], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-def source_tensor(ids: list[list[int]], indices: list[int]) -> torch.Tensor:
-    return _pad([ids[i] + [EOS_ID] for i in indices])
+def source_tensor(ids: list[list[int]], indices: list[int], vocab) -> torch.Tensor:
+    """The sources `indices`, each followed by EOS, padded: the encoder's input."""
+    return _pad([ids[i] + [vocab.eos_id] for i in indices], vocab.pad_id)

@@ -36,15 +36,11 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import (
-    PAD_ID,
-    BPEVocabulary,
     DataError,
     ParallelData,
-    WordVocabulary,
     collate,
     embedded_task,
     encode_pairs,
-    load_vocabulary,
     read_parallel,
     token_batches,
 )
@@ -69,6 +65,13 @@ from .training import (
     setup_distributed,
 )
 from .translate import corpus_bleu, translate_sentences
+from .vocabulary import (
+    BPE,
+    TRANSLATION_SPECIALS,
+    WordVocabulary,
+    load_vocabulary,
+    save_vocabulary,
+)
 
 PACKAGE = "transformer"
 
@@ -95,7 +98,8 @@ class TrainConfig:
     label_smoothing: float = param(0.1, "ε_ls of label smoothing (§5.4)")
     bpe_vocab_size: int = param(
         37000,
-        "size of the joint BPE vocabulary trained on the training files (paper: about 37,000)",
+        "size of the joint BPE vocabulary trained on the training files, special tokens included "
+        "(paper: about 37,000)",
     )
     max_sentence_tokens: int = param(
         256, "training pairs with a side longer than this many tokens are skipped"
@@ -245,14 +249,10 @@ def build_vocabulary(args, config: TrainConfig, texts: list[str], dist, out: Pat
         if args.src is None:
             vocab = WordVocabulary.train(texts)
         else:
-            try:
-                vocab = BPEVocabulary.train(texts, config.bpe_vocab_size)
-            except ImportError:
-                raise TrainError(
-                    "the tokenizer package's BPETokenizer is not available to build the joint "
-                    "vocabulary"
-                ) from None
-        vocab.save(out)
+            vocab = BPE.train(
+                texts, config.bpe_vocab_size, special_tokens=TRANSLATION_SPECIALS, progress=False
+            )
+        save_vocabulary(vocab, out)
     dist.barrier()
     return load_vocabulary(out)
 
@@ -266,7 +266,7 @@ def validate(model, vocab, valid: ParallelData, config: TrainConfig, device, dty
         source, target_in, target_out = (t.to(device) for t in collate(valid, indices))
         with autocast(device, dtype):
             logits = model(source, target_in)
-        loss, n = label_smoothed_loss(logits, target_out, config.label_smoothing, PAD_ID)
+        loss, n = label_smoothed_loss(logits, target_out, config.label_smoothing, valid.pad_id)
         total_loss, total_tokens = total_loss + loss.item(), total_tokens + n
     hypotheses = translate_sentences(
         model,
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     vocab = build_vocabulary(args, config, train_src + train_tgt, dist, args.out)
     train = encode_pairs(vocab, train_src, train_tgt, config.max_sentence_tokens)
     valid = encode_pairs(vocab, valid_src, valid_tgt)
-    model_config = replace(model_config, vocab_size=vocab.vocab_size)
+    model_config = replace(model_config, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id)
 
     torch.manual_seed(args.seed)  # identical initial weights on every process
     model = Transformer(model_config).to(device)
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     for step in run.steps(config.steps):
         mine = batches[state["index"] + dist.rank : state["index"] + per_step : dist.world_size]
         micro = [collate(train, indices) for indices in mine]
-        local_tokens = sum(int((m[2] != PAD_ID).sum()) for m in micro)
+        local_tokens = sum(int((m[2] != train.pad_id).sum()) for m in micro)
         total = torch.tensor([float(local_tokens), 0.0], device=device)
         if dist.enabled:
             torch_dist.all_reduce(total)
@@ -373,7 +373,9 @@ def main(argv=None) -> int:
             )
             with syncing, autocast(device, dtype):
                 logits = trained(source, target_in)
-                loss, _ = label_smoothed_loss(logits, target_out, config.label_smoothing, PAD_ID)
+                loss, _ = label_smoothed_loss(
+                    logits, target_out, config.label_smoothing, train.pad_id
+                )
                 # DDP averages gradients over processes: scale so the step's gradient is the
                 # mean over every target token of the global batch.
                 (loss * dist.world_size / step_tokens).backward()

@@ -20,15 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import (
-    BOS_ID,
-    EOS_ID,
-    DataError,
-    load_vocabulary,
-    read_lines,
-    source_batches,
-    source_tensor,
-)
+from .data import DataError, read_lines, source_batches, source_tensor
 from .model import Transformer, TransformerConfig, beam_search, greedy_decode
 from .training import (
     CheckpointError,
@@ -48,6 +40,7 @@ from .training import (
     select_device,
     select_dtype,
 )
+from .vocabulary import load_vocabulary
 
 PACKAGE = "transformer"
 
@@ -121,12 +114,14 @@ def translate_sentences(
 
         batches = tqdm(batches, desc="translating", unit="batch", leave=False)
     for indices in batches:
-        source = source_tensor(ids, indices).to(device)
+        source = source_tensor(ids, indices, vocab).to(device)
         with autocast(device, dtype):
             if beam_size == 1:
-                hyps = greedy_decode(model, source, BOS_ID, EOS_ID, max_extra)
+                hyps = greedy_decode(model, source, vocab.bos_id, vocab.eos_id, max_extra)
             else:
-                hyps = beam_search(model, source, BOS_ID, EOS_ID, beam_size, alpha, max_extra)
+                hyps = beam_search(
+                    model, source, vocab.bos_id, vocab.eos_id, beam_size, alpha, max_extra
+                )
         for i, hyp in zip(indices, hyps):
             out[i] = vocab.decode(hyp)
     return out

@@ -1,6 +1,7 @@
 """The tokenizers a Llama model may come with, behind one small interface.
 
-- our byte-level BPE (`tokenizer.BPETokenizer`, trained by `xllama.train` or `tokenizer.train`);
+- our byte-level BPE (`transformer.vocabulary.BPE`, the one BPE wrapper of every package, trained
+  by `xllama.train` or `tokenizer.train`);
 - characters (`CharTokenizer`: the Tiny Shakespeare character-level baseline);
 - a sentencepiece `tokenizer.model` (Llama 2's own tokenizer);
 - a tiktoken encoding (`tiktoken:cl100k_base`, or a `*.tiktoken` ranks file).
@@ -12,11 +13,11 @@ config stores so `xllama.generate` can rebuild the tokenizer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from tokenizer.fileformat import FILE_NAME
+from tokenizer import BPETokenizer
+from transformer.vocabulary import BPE
 
 from .model import XLlamaError
 
@@ -53,82 +54,6 @@ class CharTokenizer:
 
     def spec(self) -> dict:
         return {"kind": "char", "chars": self.chars}
-
-
-EOS = "<|endoftext|>"
-
-
-class BPE:
-    """Our byte-level BPE (`tokenizer.BPETokenizer`) with `<|endoftext|>` as end of sequence,
-    stored as `tokenizer.bpe` next to a run: the tokenizer of xllama's runs and of every
-    instructgpt model. Text is always encoded as ordinary text (an "<|endoftext|>" written in a
-    prompt stays text), and decoding leaves the end-of-sequence token out."""
-
-    kind = "bpe"
-    bos_id = None
-
-    def __init__(self, bpe, path: Path | None = None):
-        self.bpe = bpe
-        self.path = None if path is None else Path(path)
-        self.eos_id = bpe.special_tokens.get(EOS) if _has_specials(bpe) else None
-
-    @property
-    def file(self) -> str | None:
-        """The file's name, which a checkpoint's config records (found beside the run)."""
-        return None if self.path is None else self.path.name
-
-    @staticmethod
-    def tokenizer_class():
-        try:
-            from tokenizer import BPETokenizer
-        except ImportError:
-            raise XLlamaError(
-                "the BPE tokenizer (package `tokenizer`) is not available in this checkout"
-            ) from None
-        return BPETokenizer
-
-    @classmethod
-    def train(cls, text: str, vocab_size: int, progress: bool = True) -> BPE:
-        bpe = cls.tokenizer_class().train(text, vocab_size, special_tokens=[EOS], progress=progress)
-        return cls(bpe)
-
-    @classmethod
-    def load(cls, path: Path) -> BPE:
-        """From a `tokenizer.bpe` file, or a directory holding one."""
-        path = Path(path)
-        return cls(cls.tokenizer_class().load(path), path if path.is_file() else path / FILE_NAME)
-
-    def save(self, path: Path) -> Path:
-        """To a file, or to `tokenizer.bpe` in a directory; returns the file's path."""
-        self.path = self.bpe.save(path)
-        return self.path
-
-    @property
-    def vocab_size(self) -> int:
-        return self.bpe.vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return self.bpe.encode_ordinary(text)
-
-    def decode(self, ids) -> str:
-        return self.bpe.decode([i for i in ids if i != self.eos_id])
-
-    def fingerprint(self) -> str:
-        """A hash of the vocabulary: two models can share data only if these agree."""
-        h = hashlib.sha256()
-        for i in range(self.vocab_size):
-            try:
-                h.update(self.bpe.token_bytes(i) + b"\0")
-            except Exception:  # ids the vocabulary skips
-                h.update(b"\1")
-        return h.hexdigest()[:16]
-
-    def spec(self) -> dict:
-        return {"kind": "bpe", "file": self.file}
-
-
-def _has_specials(bpe) -> bool:
-    return isinstance(getattr(bpe, "special_tokens", None), dict)
 
 
 class SentencePiece:
@@ -169,12 +94,11 @@ class Tiktoken(BPE):
 
     def __init__(self, name_or_path: str):
         path = Path(name_or_path)
-        cls = self.tokenizer_class()
         try:
             if path.suffix == ".tiktoken":
-                bpe = cls.from_tiktoken(path.stem, ranks_file=path)
+                bpe = BPETokenizer.from_tiktoken(path.stem, ranks_file=path)
             else:
-                bpe = cls.from_tiktoken(str(name_or_path))
+                bpe = BPETokenizer.from_tiktoken(str(name_or_path))
         except Exception as exc:
             raise XLlamaError(f"cannot load tiktoken encoding {name_or_path}: {exc}") from None
         super().__init__(bpe)

@@ -48,11 +48,12 @@ from transformer.training import (
     setup_distributed,
     warmup_cosine,
 )
+from transformer.vocabulary import BPE
 
 from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
 from .model import Llama, LlamaConfig, XLlamaError, flops_per_token, loss_fn
 from .sampling import generate
-from .tokenization import BPE, CharTokenizer, load_tokenizer
+from .tokenization import CharTokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)

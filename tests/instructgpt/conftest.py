@@ -8,8 +8,8 @@ import torch
 from instructgpt.checkpoints import model_config
 from instructgpt.data import corpus_text
 from transformer.training import save_checkpoint
+from transformer.vocabulary import BPE
 from xllama import Llama, LlamaConfig
-from xllama.tokenization import BPE
 
 TINY = dict(dim=32, n_layers=1, n_heads=2, multiple_of=16, max_seq_len=64)
 

@@ -186,3 +186,25 @@ def test_train_and_translate_real_files_with_joint_bpe(tmp_path, capsys):
     capsys.readouterr()
     assert translate.main(["--checkpoint", str(out), "--input", str(src), "--beam", "2"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 40
+
+
+def test_bpe_run_on_parallel_files_translates_from_its_checkpoint(tmp_path, capsys):
+    """Real-data path: a joint BPE vocabulary with <pad>/<s>/</s> after its merges; the model's
+    padding id is the vocabulary's, and translate reads both back from the run."""
+    de = ["ein Hund läuft.", "zwei Katzen schlafen.", "ein Mann liest.", "eine Frau singt."] * 6
+    en = ["a dog runs.", "two cats sleep.", "a man reads.", "a woman sings."] * 6
+    src, tgt = tmp_path / "train.de", tmp_path / "train.en"
+    src.write_text("\n".join(de) + "\n")
+    tgt.write_text("\n".join(en) + "\n")
+    out = tmp_path / "run"
+    args = [*TINY, "--src", src, "--tgt", tgt, "--bpe-vocab-size", "300", "--steps", "3"]
+    assert train.main([*map(str, args), "--out", str(out)]) == 0
+    vocabulary = json.loads((out / "vocabulary.json").read_text())
+    assert vocabulary == {"kind": "bpe", "file": "tokenizer.bpe"}
+    config = json.loads((out / "config.json").read_text())["model"]
+    assert (config["vocab_size"], config["pad_id"]) == (300, 297)
+    sentences = tmp_path / "test.de"
+    sentences.write_text("ein Hund läuft.\nzwei Katzen schlafen.\n")
+    capsys.readouterr()
+    assert translate.main(["--checkpoint", str(out), "--input", str(sentences), "--beam", "2"]) == 0
+    assert capsys.readouterr().out.count("\n") == 2  # one translation per line

@@ -5,11 +5,7 @@ import gzip
 import pytest
 
 from transformer.data import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
     DataError,
-    WordVocabulary,
     collate,
     embedded_task,
     encode_pairs,
@@ -17,6 +13,7 @@ from transformer.data import (
     reverse_and_spell,
     token_batches,
 )
+from transformer.vocabulary import BPE, TRANSLATION_SPECIALS, WordVocabulary
 
 
 def test_embedded_task_is_reverse_and_spell_with_held_out_validation():
@@ -37,9 +34,9 @@ def test_token_batches_cover_every_pair_once_within_the_budget():
     for batch in batches:
         source, target_in, target_out = collate(data, batch)
         assert source.numel() <= 64 and target_out.numel() <= 64
-        assert (target_in[:, 0] == BOS_ID).all()
-        lengths = (target_out != PAD_ID).sum(1)
-        assert (target_out[range(len(batch)), lengths - 1] == EOS_ID).all()
+        assert (target_in[:, 0] == 1).all()  # the word vocabulary's BOS, EOS and padding ids
+        lengths = (target_out != 0).sum(1)
+        assert (target_out[range(len(batch)), lengths - 1] == 2).all()
     assert token_batches(data, 64, shuffle_seed=5) == batches  # reproducible for resume
     assert token_batches(data, 64, shuffle_seed=6) != batches
 
@@ -53,3 +50,18 @@ def test_read_parallel_gz_and_mismatch(tmp_path):
     b.write_text("A dog.\n")
     with pytest.raises(DataError, match="2 lines"):
         read_parallel(a, b)
+
+
+def test_bpe_translation_vocabulary_has_its_specials_after_the_merges():
+    """The joint BPE vocabulary: 256 bytes, the merges, then <pad>, <s>, </s>; batches pad and
+    terminate with those ids, and decoding drops them."""
+    texts = ["ein Hund läuft", "a dog runs", "zwei Hunde laufen", "two dogs run"] * 5
+    vocab = BPE.train(texts, 270, special_tokens=TRANSLATION_SPECIALS, progress=False)
+    assert (vocab.pad_id, vocab.bos_id, vocab.eos_id) == (267, 268, 269)
+    data = encode_pairs(vocab, ["ein Hund", "zwei Hunde laufen"], ["a dog", "two dogs run"])
+    source, target_in, target_out = collate(data, [0, 1])
+    assert target_in[:, 0].tolist() == [268, 268]
+    assert source[0].tolist() == vocab.encode("ein Hund") + [269] + [267] * (
+        source.size(1) - len(vocab.encode("ein Hund")) - 1
+    )
+    assert vocab.decode(target_out[0].tolist()) == "a dog"

@@ -2,8 +2,9 @@
 
 import pytest
 
+from transformer.vocabulary import BPE
 from xllama import XLlamaError
-from xllama.tokenization import BPE, CharTokenizer, load_tokenizer, tokenizer_for_checkpoint
+from xllama.tokenization import CharTokenizer, load_tokenizer, tokenizer_for_checkpoint
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 50
 
