@@ -26,7 +26,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable
-from itertools import chain
 from pathlib import Path
 
 from tokenizer import fileformat, tiktoken_interop
@@ -91,7 +90,7 @@ class BPETokenizer:
         self.special_tokens = special_tokens
         self._vocab_size = max(self._decoder) + 1
         self._special_regex: dict[frozenset[str], re.Pattern] = {}
-        self._cache = _ChunkCache(self._encode_chunk)
+        self._cache: dict[str, list[int]] = {}  # chunk -> ids
 
     @classmethod
     def _from_ranks(
@@ -251,15 +250,25 @@ class BPETokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text`, reading special-token strings as ordinary text.
 
-        Split into chunks, encode each distinct chunk once (cached: most chunks repeat), and
-        chain the results; the whole loop runs in C except for cache misses.
+        Split into chunks and encode each distinct chunk once (cached: most chunks repeat).
         """
         try:
-            return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
+            return self._encode_chunks(self._split(text))
         except UnicodeEncodeError:
             # Lone surrogates are not UTF-8; tiktoken replaces them with U+FFFD, and so do we.
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
+            return self._encode_chunks(self._split(text))
+
+    def _encode_chunks(self, chunks: Iterable[str]) -> list[int]:
+        cache, ids = self._cache, []
+        for chunk in chunks:
+            chunk_ids = cache.get(chunk)
+            if chunk_ids is None:
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                chunk_ids = cache[chunk] = self._encode_chunk(chunk)
+            ids += chunk_ids
+        return ids
 
     def encode(
         self,
@@ -381,21 +390,6 @@ class BPETokenizer:
         foreign file raises `TokenizerFileError` naming the line.
         """
         return fileformat.read(cls, path)
-
-
-class _ChunkCache(dict):
-    """chunk string -> ids; a miss encodes the chunk (keeps the hot loop inside C)."""
-
-    def __init__(self, encode_chunk):
-        super().__init__()
-        self._encode_chunk = encode_chunk
-
-    def __missing__(self, chunk: str) -> list[int]:
-        ids = self._encode_chunk(chunk)
-        if len(self) >= _CACHE_LIMIT:
-            self.clear()
-        self[chunk] = ids
-        return ids
 
 
 def _special_regex(tokens: Iterable[str]) -> re.Pattern:
