@@ -1,0 +1,300 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021), for any `nn.Linear`.
+
+§4.1: a frozen pre-trained weight W₀ (d_out × d_in) gets a trainable low-rank update ΔW = B A, with
+B (d_out × r), A (r × d_in) and r ≪ min(d_in, d_out), and the forward pass becomes
+
+    h = W₀ x + (α / r) · B A x                                                      (Eq. 3)
+
+A starts random Gaussian and B at zero, so ΔW = 0 and training starts exactly at the pre-trained
+model; the update is scaled by α / r so that changing r needs no new learning rate. Only A and B
+train. At deployment, W = W₀ + (α / r) B A is merged into the weight (no extra latency), and
+subtracted again to switch tasks.
+
+Written once for every package: `add_lora(model, targets, rank, alpha, dropout)` swaps each
+`nn.Linear` whose name matches a target pattern for a `LoRALinear` that keeps the same weight (same
+parameter names, so checkpoints of the base still load) and adds `lora_A` / `lora_B`. Dropout
+applies to the adapter's input only (as in Hugging Face `peft`, whose `lora_dropout` this is).
+
+Adapters are saved alone (`save_adapter`: `adapter_model.safetensors` + `adapter_config.json`, a
+few hundred KB), and `load_adapter` puts them on a model that was given the same targets; loading
+onto another base (other shapes or names) is refused with one line. `adapters_disabled(model)`
+runs the base model alone (the frozen reference of DPO and PPO, without a second copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .training import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoRAError(UserError, ValueError):
+    """A LoRA setting or adapter that cannot be used on this model."""
+
+
+class LoRALinear(nn.Linear):
+    """An `nn.Linear` with a low-rank update: y = x W₀ᵀ + b + (α / r) · dropout(x) Aᵀ Bᵀ (Eq. 3).
+
+    `weight` (and `bias`) are the base layer's own tensors, frozen; `lora_A` (r, in) and `lora_B`
+    (out, r) are the trainable factors. `merge()` adds (α / r) B A into `weight` (then the forward
+    is a plain linear layer), `unmerge()` subtracts it again.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        # §4.1: "random Gaussian initialization for A and zero for B" (std 1/r, peft's "gaussian").
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, **factory) / rank)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+        self.enabled = True
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = (α / r) B A, (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged or not self.enabled:
+            return y
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return y + update * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    """A pattern names a module by its last component (`wq`) or its full name, glob-style
+    (`layers.0.attention.*`)."""
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the model's `nn.Linear` layers (what `add_lora` can target)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def add_lora(
+    model: nn.Module,
+    targets: Iterable[str],
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+) -> list[str]:
+    """Put a LoRA adapter on every `nn.Linear` matching `targets`, freeze everything else; returns
+    the adapted module names. Only `lora_A` / `lora_B` stay trainable."""
+    targets = list(targets)
+    if rank < 1:
+        raise LoRAError(f"LoRA rank must be a positive integer, not {rank}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise LoRAError(f"LoRA alpha must be a positive number, not {alpha}")
+    if not 0 <= dropout < 1:
+        raise LoRAError(f"LoRA dropout must be in [0, 1), not {dropout}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise LoRAError("the model already has LoRA adapters")
+    chosen = [n for n in linear_names(model) if _matches(n, targets)]
+    if not chosen:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
+        raise LoRAError(
+            f"LoRA targets {targets} match no linear layer; the model's are: {', '.join(names)}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    return chosen
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def merge_lora(model: nn.Module) -> None:
+    """W = W₀ + (α / r) B A in every adapted layer (§4.1: no inference latency)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora` (switch back to W₀ + a trainable update)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> None:
+    """Turn every LoRALinear back into a plain `nn.Linear` (merged first unless `merge=False`),
+    so the model saves and exports exactly like one that never had adapters."""
+    for name, layer in list(lora_layers(model)):
+        if merge:
+            layer.merge()
+        elif layer.merged:
+            layer.unmerge()
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        plain.weight, plain.bias = layer.weight, layer.bias
+        plain.weight.requires_grad_(True)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, plain)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model W₀ alone inside the block (adapters kept, not applied)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise LoRAError("adapters are merged into the weights; unmerge before disabling them")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """{`<module>.lora_A`, `<module>.lora_B`: tensor} of every adapted layer."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[f"{name}.lora_A"] = layer.lora_A.detach()
+        state[f"{name}.lora_B"] = layer.lora_B.detach()
+    return state
+
+
+def lora_settings(model: nn.Module) -> dict:
+    """rank, alpha, dropout and targets of the model's adapters (one setting for all layers)."""
+    layers = list(lora_layers(model))
+    if not layers:
+        raise LoRAError("the model has no LoRA adapters")
+    _, first = layers[0]
+    return {
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.lora_dropout.p,
+        "target_modules": [name for name, _ in layers],
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: Path,
+    rename: Callable[[dict[str, Tensor], dict], tuple[dict[str, Tensor], dict]] | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """`adapter_model.safetensors` + `adapter_config.json` in `directory`: the adapters alone.
+
+    `rename(tensors, config)` may rewrite both into another library's layout (xllama's
+    `save_peft_adapter` writes Hugging Face `peft`'s). Files are written atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().float() for k, v in adapter_state_dict(model).items()}
+    config = {**lora_settings(model), **(metadata or {})}
+    if rename is not None:
+        tensors, config = rename(tensors, config)
+    tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / ADAPTER_WEIGHTS)
+    tmp = directory / (ADAPTER_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(directory / ADAPTER_CONFIG)
+    return directory
+
+
+def read_adapter(directory: Path) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, config) of an adapter directory, checked to be readable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights, config_path = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
+    if not weights.is_file() or not config_path.is_file():
+        raise LoRAError(
+            f"{directory} is not an adapter directory ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+        tensors = load_file(str(weights))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
+        raise LoRAError(f"cannot read the adapter in {directory}: {exc}") from None
+    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
+        raise LoRAError(f"{config_path} holds no LoRA rank and alpha")
+    return tensors, config
+
+
+def load_adapter(model: nn.Module, directory: Path, tensors=None, config=None) -> list[str]:
+    """Put the adapter saved in `directory` on `model` (adding LoRA layers where it has none);
+    returns the adapted module names. A mismatch of names or shapes is one `LoRAError` line."""
+    if tensors is None:
+        tensors, config = read_adapter(directory)
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    known = set(linear_names(model))
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise LoRAError(
+            f"the adapter in {directory} is for another model: it adapts {missing[0]!r}, which "
+            f"this model does not have ({len(missing)} such layer(s))"
+        )
+    if not any(True for _ in lora_layers(model)):
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        add_lora(model, modules, rank, alpha, float(config.get("lora_dropout", 0.0)))
+    layers = dict(lora_layers(model))
+    for module in modules:
+        layer = layers.get(module)
+        if layer is None:
+            raise LoRAError(f"the adapter adapts {module!r}, which has no LoRA layer here")
+        a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
+        if a is None or b is None:
+            raise LoRAError(f"the adapter in {directory} lacks lora_A or lora_B of {module!r}")
+        if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
+            raise LoRAError(
+                f"the adapter in {directory} is for another model: {module} has lora_A "
+                f"{tuple(a.shape)} / lora_B {tuple(b.shape)}, this model needs "
+                f"{tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}"
+            )
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+    return modules
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
