@@ -28,13 +28,14 @@ import fnmatch
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .training import UserError
+from .training import UserError, check_config, param
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,6 +43,36 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 class LoRAError(UserError, ValueError):
     """A LoRA setting or adapter that cannot be used on this model."""
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What a trainer's `--lora-*` flags choose. Rank 0 means no adapters: every weight trains."""
+
+    lora_rank: int = param(0, "rank r of the LoRA update B·A (0 = no adapters: full fine-tuning)")
+    lora_alpha: float = param(16.0, "α: the update is scaled by α / r (Hu et al. §4.1)")
+    lora_dropout: float = param(0.0, "dropout on the adapters' input")
+    lora_targets: tuple[str, ...] = param(
+        ("wq", "wk", "wv", "wo"),
+        "linear layers that get adapters, by name or glob (default: the attention projections; "
+        "add w1 w2 w3 for Llama's feed-forward)",
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a JSON list too
+        check_config(self, non_negative=("lora_rank", "lora_dropout"), positive=("lora_alpha",))
+        if not 0 <= self.lora_dropout < 1:
+            raise LoRAError(f"LoRAConfig.lora_dropout must be in [0, 1), not {self.lora_dropout}")
+        if not self.lora_targets:
+            raise LoRAError("LoRAConfig.lora_targets names no layer")
+
+    def apply(self, model: nn.Module) -> list[str]:
+        """`add_lora` with these settings (nothing when the rank is 0); the adapted names."""
+        if self.lora_rank == 0:
+            return []
+        return add_lora(
+            model, self.lora_targets, self.lora_rank, self.lora_alpha, self.lora_dropout
+        )
 
 
 class LoRALinear(nn.Linear):

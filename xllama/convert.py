@@ -21,7 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from transformer.training import CheckpointError, check_checkpoint, load_weights
+from transformer.lora import LoRAConfig, remove_lora
+from transformer.training import (
+    CheckpointError,
+    check_checkpoint,
+    config_from_dict,
+    find_checkpoint,
+    load_weights,
+)
 from transformer.training.checkpoint import read_json_object, safe_torch_load
 
 from .model import Llama, LlamaConfig, XLlamaError
@@ -392,6 +399,8 @@ def load_ours(directory: Path, dtype: torch.dtype | None = None) -> tuple[Llama,
     found = check_checkpoint(directory, PACKAGE)
     config = LlamaConfig.from_dict(found.get("model"), f"{directory}/config.json: model")
     model = Llama(config)
+    if found.get("lora"):  # a LoRA fine-tune: the checkpoint holds the base and the adapters
+        config_from_dict(LoRAConfig, found["lora"], f"{directory}/config.json: lora").apply(model)
     load_weights(directory, model)
     if dtype is not None:
         model = model.to(dtype)
@@ -421,8 +430,6 @@ def checkpoint_kind(directory: Path) -> str:
 
 def load_model(directory: Path, dtype: torch.dtype | None = torch.float32) -> Llama:
     """Any of the three checkpoint kinds -> our model."""
-    from transformer.training import find_checkpoint
-
     kind = checkpoint_kind(directory)
     if kind == "meta":
         return load_meta(directory, dtype)
@@ -433,3 +440,28 @@ def load_model(directory: Path, dtype: torch.dtype | None = torch.float32) -> Ll
     except CheckpointError:
         pass
     return load_ours(directory, dtype)[0]
+
+
+def load_checkpoint(
+    directory: Path, tokenizer: str | None = None
+) -> tuple[Llama, object, dict | None]:
+    """(model, tokenizer, our config dict or None) of any checkpoint kind. The tokenizer is the file
+    `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` beside the
+    weights; a run trained with LoRA comes back with its adapters merged into the weights."""
+    from .tokenization import load_tokenizer, tokenizer_for_checkpoint
+
+    config = None
+    if checkpoint_kind(directory) == PACKAGE:
+        directory = find_checkpoint(directory)
+        model, config = load_ours(directory)
+        remove_lora(model)
+    else:
+        model = load_model(directory)
+    found = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(directory, config)
+    if found is None:
+        raise XLlamaError(f"{directory} names no tokenizer; pass --tokenizer FILE")
+    if found.vocab_size > model.config.vocab_size:
+        raise XLlamaError(
+            f"the tokenizer has {found.vocab_size} tokens, the model {model.config.vocab_size}"
+        )
+    return model, found, config

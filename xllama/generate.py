@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from transformer.lora import remove_lora
 from transformer.training import (
     CommandParser,
     add_common_arguments,
-    find_checkpoint,
     float_in,
     non_negative_float,
     non_negative_int,
@@ -27,10 +27,10 @@ from transformer.training import (
     select_dtype,
 )
 
-from .convert import checkpoint_kind, load_model, load_ours
+from .adapters import load_any_adapter
+from .convert import load_checkpoint
 from .model import XLlamaError
 from .sampling import check_sampling_args, generate
-from .tokenization import load_tokenizer, tokenizer_for_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer file (tokenizer.bpe, sentencepiece .model, .tiktoken, tiktoken:NAME); "
         "default: the one the checkpoint names, or tokenizer.model beside it",
     )
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        help="a LoRA adapter directory (ours, or Hugging Face peft's for this base) merged into "
+        "the weights before decoding (default: none)",
+    )
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end only")
     parser.add_argument(
         "--compile",
@@ -110,26 +116,12 @@ def main(argv=None) -> int:
         raise XLlamaError("--max-new-tokens must be >= 0")
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
-    kind = checkpoint_kind(args.checkpoint)
-    config = None
-    where = args.checkpoint
-    if kind == "xllama":
-        where = find_checkpoint(args.checkpoint)
-        model, config = load_ours(where)
-    else:
-        model = load_model(args.checkpoint)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, args.tokenizer)
+    if args.adapter is not None:
+        load_any_adapter(model, args.adapter)
+        remove_lora(model)  # merged: decoding runs plain linear layers
     model = model.to(device=device, dtype=dtype).eval()
     model.reset_rope_tables()  # keep the rotary tables in float32
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    else:
-        tokenizer = tokenizer_for_checkpoint(where, config)
-    if tokenizer is None:
-        raise XLlamaError(f"{args.checkpoint} names no tokenizer; pass --tokenizer FILE")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise XLlamaError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}"
-        )
     ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
         args.prompt
     )

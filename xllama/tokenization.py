@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from tokenizer import BPETokenizer
+from tokenizer.fileformat import FILE_NAME
 from transformer.vocabulary import BPE
 
 from .model import XLlamaError
@@ -64,7 +65,8 @@ class SentencePiece:
     def __init__(self, path: Path):
         import sentencepiece
 
-        self.file = Path(path).name
+        self.path = Path(path)
+        self.file = self.path.name
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as exc:
@@ -153,3 +155,15 @@ def tokenizer_for_checkpoint(directory: Path, config: dict | None):
     if (directory / "tokenizer.model").is_file():
         return SentencePiece(directory / "tokenizer.model")
     return None
+
+
+def keep_tokenizer(tokenizer, directory: Path) -> None:
+    """Copy a tokenizer's file into a run directory, so the run's spec finds it there."""
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, BPE) and not isinstance(tokenizer, Tiktoken):
+        tokenizer.save(directory / FILE_NAME)
+    elif isinstance(tokenizer, SentencePiece) and tokenizer.path.parent != directory:
+        shutil.copyfile(tokenizer.path, directory / tokenizer.file)

@@ -13,6 +13,12 @@ and non-finite losses go through the shared `transformer` infrastructure.
 
 Every rank draws the same global batch from one seeded generator and trains on its slice, so a
 `torchrun` job follows the same trajectory as one process with the same global batch.
+
+Fine-tuning: `--init-from DIR` starts from any checkpoint the project loads (an xllama run, a
+Hugging Face or a Meta Llama directory) and its tokenizer, on `--text` files. With `--lora-rank R`
+only LoRA adapters train (Hu et al. 2021, `transformer.lora`); the run directory then also holds
+the adapters alone, in our layout (`adapter/`) and in Hugging Face peft's (`adapter-peft/`, for the
+base exported with `xllama.convert.export_hf`).
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ import argparse
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from transformer.lora import LoRAConfig, save_adapter, trainable_parameters
 from transformer.training import (
     CommandParser,
     ConfigError,
@@ -50,10 +57,12 @@ from transformer.training import (
 )
 from transformer.vocabulary import BPE
 
+from .adapters import save_peft_adapter
+from .convert import load_checkpoint
 from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
 from .model import Llama, LlamaConfig, XLlamaError, flops_per_token, loss_fn
 from .sampling import generate
-from .tokenization import CharTokenizer, load_tokenizer
+from .tokenization import CharTokenizer, keep_tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,15 @@ def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
         default="small",
         help=f"preset of model and training values: {', '.join(PRESETS)} (default: small)",
     )
+    tune = parser.add_argument_group("fine-tuning")
+    tune.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from this checkpoint (an xllama run or checkpoint, a Hugging Face or a Meta "
+        "Llama directory) and its tokenizer; the model's shape is the checkpoint's (only "
+        "--dropout and a shorter --max-seq-len may change) (default: train from scratch)",
+    )
+    add_dataclass_arguments(parser, LoRAConfig, "LoRA (Hu et al. 2021): train adapters only")
     add_dataclass_arguments(parser, LlamaConfig, "model (the preset's values; flags override)",
                             preset.model)  # fmt: skip
     add_dataclass_arguments(parser, TrainConfig, "training (the preset's values; flags override)",
@@ -274,8 +292,39 @@ def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_data(args, out: Path, resume: Path | None, dist, model_vocab: int):
-    """(tokenizer or None, train ids, val ids, tokenizer spec) from the flags."""
+def fine_tuning_start(args) -> tuple[Llama, object]:
+    """(model, tokenizer) of `--init-from`, with the few model flags a fine-tune may change."""
+    named = None if args.tokenizer in ("bpe", "char") else args.tokenizer
+    model, tokenizer, _ = load_checkpoint(args.init_from, named)
+    changeable = {"dropout", "max_seq_len"}
+    fixed = [f.name for f in fields(LlamaConfig) if getattr(args, f.name) is not None
+             and f.name not in changeable]  # fmt: skip
+    if fixed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+        raise XLlamaError(f"{flags}: the model's shape comes from --init-from {args.init_from}")
+    config = model.config
+    for name in changeable:
+        if getattr(args, name) is not None:
+            config = replace(config, **{name: getattr(args, name)})
+    if config.max_seq_len > model.config.max_seq_len:
+        raise XLlamaError(
+            f"--max-seq-len {config.max_seq_len} is longer than the checkpoint's context "
+            f"({model.config.max_seq_len})"
+        )
+    if config != model.config:
+        state = model.state_dict()
+        model = Llama(config)
+        model.load_state_dict(state)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise XLlamaError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def prepare_data(args, out: Path, resume: Path | None, dist, model_vocab: int, tokenizer=None):
+    """(tokenizer or None, train ids, val ids, tokenizer spec) from the flags; `tokenizer` (a
+    fine-tune's) encodes the text instead of one the flags choose."""
     if args.data is not None:
         ids, meta = read_token_file(args.data)
         tokenizer = None
@@ -286,7 +335,9 @@ def prepare_data(args, out: Path, resume: Path | None, dist, model_vocab: int):
                 tokenizer = None
         return tokenizer, ids, int(meta["vocab_size"])
     text = read_texts(args.text) if args.text else embedded_corpus()
-    if args.tokenizer == "char":
+    if tokenizer is not None:
+        pass
+    elif args.tokenizer == "char":
         tokenizer = CharTokenizer.from_text(text)
     elif args.tokenizer == "bpe":
         saved = out / "tokenizer.bpe"
@@ -313,6 +364,15 @@ def main(argv=None) -> int:
         raise XLlamaError("--out DIR is required: the run directory to write into")
     if train_cfg.batch_size < 1 or train_cfg.grad_accum < 1:
         raise XLlamaError("batch_size and grad_accum must be positive")
+    lora_cfg = dataclass_from_args(LoRAConfig, args)
+    if lora_cfg.lora_rank and args.init_from is None:
+        raise XLlamaError("--lora-rank fine-tunes a trained model: give --init-from DIR")
+    base = None
+    if args.init_from is not None:
+        if args.tokenizer == "char":
+            raise XLlamaError("--tokenizer char trains a new tokenizer; a fine-tune keeps its own")
+        base, tokenizer = fine_tuning_start(args)
+        model_cfg = base.config
 
     dist, device = setup_distributed(args.device)
     dtype = select_dtype(args.dtype, device)
@@ -328,16 +388,28 @@ def main(argv=None) -> int:
             f"({train_cfg.grad_accum}) x processes ({dist.world_size})"
         )
 
-    tokenizer, ids, vocab = prepare_data(args, args.out, args.resume, dist, model_cfg.vocab_size)
-    if (args.data is not None or args.tokenizer != "bpe") and args.vocab_size is None:
+    if base is not None:
+        if dist.is_main:
+            keep_tokenizer(tokenizer, args.out)  # the run names it, found beside its checkpoints
+        tokenizer, ids, vocab = prepare_data(args, args.out, args.resume, dist, 0, tokenizer)
+    else:
+        tokenizer, ids, vocab = prepare_data(
+            args, args.out, args.resume, dist, model_cfg.vocab_size
+        )
+    if (
+        base is None
+        and (args.data is not None or args.tokenizer != "bpe")
+        and args.vocab_size is None
+    ):
         model_cfg = replace(model_cfg, vocab_size=vocab)  # the tokenizer decides
     if model_cfg.vocab_size < vocab:
         raise XLlamaError(f"vocab_size {model_cfg.vocab_size} < the tokenizer's {vocab}")
     train_ids, val_ids = split_train_val(ids, train_cfg.val_fraction)
     seq_len = model_cfg.max_seq_len
 
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = Llama(model_cfg).to(device)
+    torch.manual_seed(args.seed)  # identical initial weights (and LoRA A) on every rank
+    model = (Llama(model_cfg) if base is None else base).to(device)
+    lora_cfg.apply(model)  # only the adapters train (rank 0: nothing changes)
     optimizer = make_optimizer(model, train_cfg, device)
     run = TrainingRun(
         args.out,
@@ -354,6 +426,8 @@ def main(argv=None) -> int:
         extra_config={
             "tokenizer": tokenizer.spec() if tokenizer is not None else None,
             "data": str(args.data or (args.text and [str(t) for t in args.text]) or "embedded"),
+            **({"init_from": str(args.init_from)} if base is not None else {}),
+            **({"lora": asdict(lora_cfg)} if lora_cfg.lora_rank else {}),
         },
     )
     if args.resume is None:
@@ -365,6 +439,13 @@ def main(argv=None) -> int:
     elapsed_before = float(data_state.get("elapsed", 0.0))
 
     n = model.num_params()
+    if lora_cfg.lora_rank:
+        trainable, total = trainable_parameters(model)
+        run.write(
+            f"LoRA r={lora_cfg.lora_rank} α={lora_cfg.lora_alpha:g} on "
+            f"{', '.join(lora_cfg.lora_targets)}: {trainable:,} trainable parameters of "
+            f"{total:,} ({trainable / total:.2%})"
+        )
     chars_per_token = None
     if tokenizer is not None and len(val_ids):
         chars_per_token = len(tokenizer.decode(val_ids.tolist())) / len(val_ids)
@@ -460,6 +541,9 @@ def main(argv=None) -> int:
     if chars_per_token is not None:
         per_char = f" = {val_loss / chars_per_token:.4f} per character"
     run.log(max(0, last_step - 1), final_val_loss=val_loss)
+    if lora_cfg.lora_rank and dist.is_main:
+        save_adapter(model, args.out / "adapter")
+        save_peft_adapter(model, args.out / "adapter-peft")
     run.write(
         f"validation loss {val_loss:.4f}{per_char} after {last_step} steps "
         f"({last_step * tokens_per_step:,} tokens, {total_time:.0f} s); checkpoint {path}"
