@@ -10,10 +10,11 @@ model; the update is scaled by α / r so that changing r needs no new learning r
 train. At deployment, W = W₀ + (α / r) B A is merged into the weight (no extra latency), and
 subtracted again to switch tasks.
 
-Written once for every package: `add_lora(model, targets, rank, alpha, dropout)` swaps each
-`nn.Linear` whose name matches a target pattern for a `LoRALinear` that keeps the same weight (same
-parameter names, so checkpoints of the base still load) and adds `lora_A` / `lora_B`. Dropout
-applies to the adapter's input only (as in Hugging Face `peft`, whose `lora_dropout` this is).
+Written once for every package: `add_lora(model, targets, rank, alpha, dropout)` wraps each
+linear layer whose name matches a target pattern in a `LoRALinear` (the frozen layer as `base`,
+plus `lora_A` / `lora_B`); `remove_lora` puts the (merged) layers back, so the model saves and
+exports under its own names again. Dropout applies to the adapter's input only (as in Hugging
+Face `peft`, whose `lora_dropout` this is).
 
 Adapters are saved alone (`save_adapter`: `adapter_model.safetensors` + `adapter_config.json`, a
 few hundred KB), and `load_adapter` puts them on a model that was given the same targets; loading
@@ -75,27 +76,30 @@ class LoRAConfig:
         )
 
 
-class LoRALinear(nn.Linear):
-    """An `nn.Linear` with a low-rank update: y = x W₀ᵀ + b + (α / r) · dropout(x) Aᵀ Bᵀ (Eq. 3).
+class LoRALinear(nn.Module):
+    """A frozen linear layer with a low-rank update: y = base(x) + (α / r) · B A dropout(x) (Eq. 3).
 
-    `weight` (and `bias`) are the base layer's own tensors, frozen; `lora_A` (r, in) and `lora_B`
-    (out, r) are the trainable factors. `merge()` adds (α / r) B A into `weight` (then the forward
-    is a plain linear layer), `unmerge()` subtracts it again.
+    `base` is the layer it adapts (an `nn.Linear`, or a quantised linear layer of
+    `transformer.quantize`: QLoRA), frozen; `lora_A` (r, in) and `lora_B` (out, r) are the trainable
+    factors. `merge()` adds (α / r) B A into a float base's weight (the forward is then the base
+    alone), `unmerge()` subtracts it again; a quantised base is not merged (dequantise it first).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        nn.Module.__init__(self)
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        tensors = [*base.parameters(), *base.buffers()]
+        device = tensors[0].device if tensors else None
+        dtype = getattr(base, "compute_dtype", None) or next(
+            (t.dtype for t in tensors if t.is_floating_point()), None
+        )
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         # §4.1: "random Gaussian initialization for A and zero for B" (std 1/r, peft's "gaussian").
-        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, **factory) / rank)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        self.lora_A = nn.Parameter(
+            torch.randn(rank, self.in_features, device=device, dtype=dtype) / rank
+        )
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
         self.enabled = True
@@ -105,7 +109,7 @@ class LoRALinear(nn.Linear):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.merged or not self.enabled:
             return y
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
@@ -113,18 +117,23 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
+        if self.merged:
+            return
+        if not isinstance(self.base, nn.Linear):
+            raise LoRAError(
+                f"cannot merge into a {type(self.base).__name__} base: dequantise the model first"
+            )
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
+        return f"rank={self.rank}, alpha={self.alpha:g}"
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -134,9 +143,18 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` or a quantised linear layer (`transformer.quantize`): what LoRA adapts."""
+    return isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False)
+
+
 def linear_names(model: nn.Module) -> list[str]:
-    """Names of the model's `nn.Linear` layers (what `add_lora` can target)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Names of the model's linear layers (what `add_lora` can target), adapted ones included."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if (is_linear(m) or isinstance(m, LoRALinear)) and not name.endswith(".base")
+    ]
 
 
 def add_lora(
@@ -157,7 +175,7 @@ def add_lora(
         raise LoRAError(f"LoRA dropout must be in [0, 1), not {dropout}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LoRAError("the model already has LoRA adapters")
-    chosen = [n for n in linear_names(model) if _matches(n, targets)]
+    chosen = [n for n in linear_names(model) if _matches(n, targets) and n != "base"]
     if not chosen:
         names = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
         raise LoRAError(
@@ -167,7 +185,7 @@ def add_lora(
         p.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
+        parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
     return chosen
 
@@ -189,18 +207,16 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> None:
-    """Turn every LoRALinear back into a plain `nn.Linear` (merged first unless `merge=False`),
-    so the model saves and exports exactly like one that never had adapters."""
+    """Put every adapted layer's base back in its place (merged first unless `merge=False`), so
+    the model saves and exports exactly like one that never had adapters."""
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge()
         elif layer.merged:
             layer.unmerge()
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        plain.weight, plain.bias = layer.weight, layer.bias
-        plain.weight.requires_grad_(True)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, plain)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base.requires_grad_(True))
 
 
 @contextlib.contextmanager

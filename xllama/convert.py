@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from transformer.lora import LoRAConfig, remove_lora
+from transformer.lora import LoRAConfig, LoRALinear, remove_lora
 from transformer.training import (
     CheckpointError,
     check_checkpoint,
@@ -281,6 +281,8 @@ def convert_pairing(model: Llama, to: str) -> Llama:
 
 def export_hf(model: Llama, directory: Path) -> Path:
     """Write `config.json` + `model.safetensors` that `LlamaForCausalLM.from_pretrained` loads."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise XLlamaError("the model has LoRA adapters: merge them (xllama.merge) before exporting")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config

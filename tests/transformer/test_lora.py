@@ -87,10 +87,10 @@ def test_merge_equals_the_hand_merged_weight_and_unmerge_restores_it():
     adapted = model(x)
     a, b = model.wq.lora_A.detach(), model.wq.lora_B.detach()
     merge_lora(model)
-    torch.testing.assert_close(model.wq.weight.detach(), w0 + (5.0 / 3) * b @ a)
+    torch.testing.assert_close(model.wq.base.weight.detach(), w0 + (5.0 / 3) * b @ a)
     torch.testing.assert_close(model(x), adapted)
     unmerge_lora(model)
-    torch.testing.assert_close(model.wq.weight.detach(), w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.wq.base.weight.detach(), w0, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(x), adapted)
 
 

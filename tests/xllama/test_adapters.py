@@ -32,9 +32,9 @@ def randomise_b(model, seed=3):
 def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, pairing):
     torch.manual_seed(0)
     ours = Llama(replace(TINY, rope_pairing=pairing)).eval()
+    export_hf(ours, tmp_path / "hf")  # the base W0
     add_lora(ours, ATTENTION + FEED_FORWARD, rank=4, alpha=8.0)
     randomise_b(ours)
-    export_hf(ours, tmp_path / "hf")  # the base weights W0 (the adapters stay out)
     save_peft_adapter(ours, tmp_path / "adapter")
     base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
