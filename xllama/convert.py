@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from transformer.lora import LoRAConfig, LoRALinear, remove_lora
+from transformer.quantize import dequantize_model, quantize_model
 from transformer.training import (
     CheckpointError,
     check_checkpoint,
@@ -34,6 +35,9 @@ from transformer.training.checkpoint import read_json_object, safe_torch_load
 from .model import Llama, LlamaConfig, XLlamaError
 
 PACKAGE = "xllama"
+# QLoRA quantises every linear layer of the base but the output head (kept in float, as
+# bitsandbytes' `llm_int8_skip_modules` keeps `lm_head`).
+QUANTIZE_SKIP = ("output",)
 
 # --------------------------------------------------------------------------------------------------
 # The q/k row permutation between the two rotary pairings
@@ -401,6 +405,8 @@ def load_ours(directory: Path, dtype: torch.dtype | None = None) -> tuple[Llama,
     found = check_checkpoint(directory, PACKAGE)
     config = LlamaConfig.from_dict(found.get("model"), f"{directory}/config.json: model")
     model = Llama(config)
+    if found.get("quantize"):  # QLoRA: the base is stored quantised
+        quantize_model(model, found["quantize"], skip=QUANTIZE_SKIP)
     if found.get("lora"):  # a LoRA fine-tune: the checkpoint holds the base and the adapters
         config_from_dict(LoRAConfig, found["lora"], f"{directory}/config.json: lora").apply(model)
     load_weights(directory, model)
@@ -449,13 +455,15 @@ def load_checkpoint(
 ) -> tuple[Llama, object, dict | None]:
     """(model, tokenizer, our config dict or None) of any checkpoint kind. The tokenizer is the file
     `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` beside the
-    weights; a run trained with LoRA comes back with its adapters merged into the weights."""
+    weights; a run trained with LoRA comes back with its adapters merged into the weights (and a
+    quantised base dequantised first)."""
     from .tokenization import load_tokenizer, tokenizer_for_checkpoint
 
     config = None
     if checkpoint_kind(directory) == PACKAGE:
         directory = find_checkpoint(directory)
         model, config = load_ours(directory)
+        dequantize_model(model)
         remove_lora(model)
     else:
         model = load_model(directory)

@@ -34,6 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from transformer.lora import LoRAConfig, save_adapter, trainable_parameters
+from transformer.quantize import quantize_model, weight_bytes
 from transformer.training import (
     CommandParser,
     ConfigError,
@@ -58,7 +59,7 @@ from transformer.training import (
 from transformer.vocabulary import BPE
 
 from .adapters import save_peft_adapter
-from .convert import load_checkpoint
+from .convert import QUANTIZE_SKIP, load_checkpoint
 from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
 from .model import Llama, LlamaConfig, XLlamaError, flops_per_token, loss_fn
 from .sampling import generate
@@ -283,6 +284,14 @@ def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
         "Llama directory) and its tokenizer; the model's shape is the checkpoint's (only "
         "--dropout and a shorter --max-seq-len may change) (default: train from scratch)",
     )
+    tune.add_argument(
+        "--quantize",
+        choices=["none", "int8", "nf4"],
+        default="none",
+        help="store the frozen base quantised while LoRA trains: nf4 = QLoRA (4-bit NormalFloat, "
+        "double quantisation), int8 = absmax per output channel; the output head stays in float "
+        "(needs --lora-rank) (default: none)",
+    )
     add_dataclass_arguments(parser, LoRAConfig, "LoRA (Hu et al. 2021): train adapters only")
     add_dataclass_arguments(parser, LlamaConfig, "model (the preset's values; flags override)",
                             preset.model)  # fmt: skip
@@ -367,6 +376,8 @@ def main(argv=None) -> int:
     lora_cfg = dataclass_from_args(LoRAConfig, args)
     if lora_cfg.lora_rank and args.init_from is None:
         raise XLlamaError("--lora-rank fine-tunes a trained model: give --init-from DIR")
+    if args.quantize != "none" and not lora_cfg.lora_rank:
+        raise XLlamaError(f"--quantize {args.quantize} freezes the base: give --lora-rank R too")
     base = None
     if args.init_from is not None:
         if args.tokenizer == "char":
@@ -409,6 +420,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)  # identical initial weights (and LoRA A) on every rank
     model = (Llama(model_cfg) if base is None else base).to(device)
+    if args.quantize != "none":
+        quantize_model(model, args.quantize, skip=QUANTIZE_SKIP)
     lora_cfg.apply(model)  # only the adapters train (rank 0: nothing changes)
     optimizer = make_optimizer(model, train_cfg, device)
     run = TrainingRun(
@@ -428,6 +441,7 @@ def main(argv=None) -> int:
             "data": str(args.data or (args.text and [str(t) for t in args.text]) or "embedded"),
             **({"init_from": str(args.init_from)} if base is not None else {}),
             **({"lora": asdict(lora_cfg)} if lora_cfg.lora_rank else {}),
+            **({"quantize": args.quantize} if args.quantize != "none" else {}),
         },
     )
     if args.resume is None:
@@ -441,10 +455,11 @@ def main(argv=None) -> int:
     n = model.num_params()
     if lora_cfg.lora_rank:
         trainable, total = trainable_parameters(model)
+        quantized = f", base in {args.quantize}" if args.quantize != "none" else ""
         run.write(
             f"LoRA r={lora_cfg.lora_rank} α={lora_cfg.lora_alpha:g} on "
             f"{', '.join(lora_cfg.lora_targets)}: {trainable:,} trainable parameters of "
-            f"{total:,} ({trainable / total:.2%})"
+            f"{total:,} ({trainable / total:.2%}){quantized}; weights {weight_bytes(model) / 1e6:.2f} MB"
         )
     chars_per_token = None
     if tokenizer is not None and len(val_ids):

@@ -101,6 +101,7 @@ def test_full_fine_tune_from_a_run_keeps_its_tokenizer(tmp_path, pretrained, tex
         (["--init-from", "{base}", "--lora-rank", "-1"], "lora_rank must be >= 0"),
         (["--init-from", "{base}", "--lora-rank", "2", "--lora-alpha", "0"], "lora_alpha must be > 0"),
         (["--init-from", "{base}", "--tokenizer", "char"], "a fine-tune keeps its own"),
+        (["--init-from", "{base}", "--quantize", "nf4"], "freezes the base: give --lora-rank"),
     ],
 )  # fmt: skip
 def test_fine_tune_refusals_are_one_line(tmp_path, pretrained, text_file, capsys, extra, message):
@@ -138,3 +139,32 @@ def test_lora_run_resumes_exactly(tmp_path, pretrained, text_file):
     (split / "checkpoints" / "latest").write_text("step_0000003\n")
     assert train_main(args + ["--out", str(split), "--resume", str(split)]) == 0
     assert losses(split) == losses(straight)
+
+
+def test_qlora_fine_tune_stores_an_nf4_base_and_merges_only_when_dequantised(
+    tmp_path, pretrained, text_file, capsys
+):
+    run = tmp_path / "qlora"
+    args = TINY + ["--init-from", str(pretrained), "--text", str(text_file), "--steps", "4"]
+    args += ["--lora-rank", "4", "--quantize", "nf4", "--lr", "1e-2", "--out", str(run)]
+    assert train_main(args) == 0
+    assert "base in nf4" in capsys.readouterr().out
+    saved = load_file(str(run / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert saved["layers.0.attention.wq.base.packed"].dtype == torch.uint8
+    assert saved["output.weight"].dtype == torch.float32  # the head stays in float
+    from_run = _greedy(run, capsys)
+    merged = tmp_path / "merged"
+    import sys
+
+    from xllama.merge import cli
+
+    argv, sys.argv = sys.argv, ["xllama.merge", "--checkpoint", str(run), "--out", str(merged)]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli()
+    finally:
+        sys.argv = argv
+    assert exit_info.value.code == 2
+    assert "nf4-quantised base: merging needs --dequantize" in capsys.readouterr().err
+    assert merge_main(["--checkpoint", str(run), "--out", str(merged), "--dequantize"]) == 0
+    assert _greedy(merged, capsys) == from_run
