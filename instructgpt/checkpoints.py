@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformer.training import find_checkpoint, load_weights, read_config
+from transformer.lora import LoRAConfig, remove_lora
+from transformer.training import config_from_dict, find_checkpoint, load_weights, read_config
 from transformer.vocabulary import BPE
 from xllama import Llama, LlamaConfig
 
@@ -47,17 +48,28 @@ def load_policy(path: Path, device=None) -> tuple[Llama, BPE, Path]:
         path = path / "policy"
     checkpoint = find_checkpoint(path)
     config, _ = _llama_config(checkpoint, "policy")
-    model = Llama(config)
-    load_weights(checkpoint, model)
+    model = _load(Llama(config), checkpoint)
     return model.to(device or "cpu"), load_task_tokenizer(find_tokenizer(checkpoint)), checkpoint
 
 
 def load_reward_model(path: Path, device=None) -> tuple[RewardModel, BPE, Path]:
     checkpoint = find_checkpoint(Path(path))
     config, _ = _llama_config(checkpoint, "reward")
-    model = RewardModel(config)
-    load_weights(checkpoint, model)
+    model = _load(RewardModel(config), checkpoint)
     return model.to(device or "cpu"), load_task_tokenizer(find_tokenizer(checkpoint)), checkpoint
+
+
+def _load(model, checkpoint: Path):
+    """`model` with the checkpoint's weights; a stage trained with LoRA holds the base and the
+    adapters, which come back merged into the weights (a plain model for the next stage)."""
+    lora = read_config(checkpoint).get("lora")
+    if lora:
+        config_from_dict(LoRAConfig, lora, f"{checkpoint}/config.json: lora").apply(
+            model, ("head",)
+        )
+    load_weights(checkpoint, model)
+    remove_lora(model)
+    return model
 
 
 def model_config(kind: str, config: LlamaConfig) -> dict:

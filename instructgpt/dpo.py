@@ -46,8 +46,8 @@ from .stage import (
     add_training_arguments,
     check_k,
     ddp,
-    frozen_copy,
     optimizer_step,
+    reference_model,
     start_run,
     start_stage,
 )
@@ -150,7 +150,7 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
         args, config, policy, tokenizer, max_len, rankings, heldout
     )
     pairs, heldout_pairs = ranking_pairs(rankings), ranking_pairs(heldout or [])
-    reference = frozen_copy(policy)
+    reference = reference_model(policy, args)
     average = config.loss_type == "ipo" and config.ipo_length_normalise
     run, optimizer = start_run(
         args, stage="dpo", config=config, model=policy, kind="policy", llama=policy.config, tokenizer=tokenizer,

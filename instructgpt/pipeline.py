@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from transformer.lora import LoRAConfig
 from transformer.training import (
     CommandParser,
     ConfigError,
@@ -190,9 +191,10 @@ def _args(common, out: Path, **kw) -> SimpleNamespace:
     """A stage's arguments. A stage that was interrupted before it finished resumes from its last
     checkpoint; one that never wrote a checkpoint starts over."""
     resume = out if (out / "checkpoints" / "latest").is_file() else None
+    lora = {f.name: getattr(common, f.name, None) for f in fields(LoRAConfig)}
     return SimpleNamespace(
         device=common.device, dtype=common.dtype, seed=common.seed, out=out, resume=resume,
-        overwrite=resume is None, **kw,
+        overwrite=resume is None, **lora, **kw,
     )  # fmt: skip
 
 
@@ -356,6 +358,9 @@ def main(argv=None) -> int:
     )  # fmt: skip
     preset = choose_preset(PRESETS, preset_flags(argv, config="default").config)
     add_dataclass_arguments(parser, PipelineConfig, "pipeline (the preset's values)", preset)
+    add_dataclass_arguments(
+        parser, LoRAConfig, "LoRA (Hu et al. 2021): SFT, reward, PPO and DPO train adapters only"
+    )
     add_common_arguments(parser, training=False)
     args = parser.parse_args(argv)
     config = dataclass_from_args(PipelineConfig, args, base=preset)

@@ -16,6 +16,7 @@ Logged per iteration: RM score, KL(π‖π_SFT), β, clip fraction, value loss, 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import warnings
@@ -27,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from transformer.lora import lora_layers, remove_lora
 from transformer.training import (
     CommandParser,
     Distributed,
@@ -55,7 +57,14 @@ from .losses import (
     whiten,
 )
 from .model import RewardModel, sample_responses, sequence_logprobs
-from .stage import add_training_arguments, ddp, frozen_copy, start_run, start_stage
+from .stage import (
+    add_training_arguments,
+    ddp,
+    frozen_copy,
+    reference_model,
+    start_run,
+    start_stage,
+)
 from .task_tokenizer import check_same_tokenizer
 
 
@@ -280,7 +289,7 @@ def train_ppo(
     policy, tokenizer, policy_path = load_policy(args.policy, device)
     reward_model, rm_tokenizer, rm_path = load_reward_model(args.reward_model, device)
     check_same_tokenizer(tokenizer, rm_tokenizer, "policy", "reward model")
-    reference = frozen_copy(policy)
+    reference = reference_model(policy, args)
     reward_model = frozen_copy(reward_model)
     if config.value_init == "reward":
         value_model = RewardModel(reward_model.config)
@@ -384,7 +393,11 @@ def train_ppo(
 
 
 def save_policy(out: Path, policy: nn.Module, tokenizer, extra: dict) -> Path:
-    """Write the policy alone as `OUT/policy` (a checkpoint `load_policy` reads)."""
+    """Write the policy alone as `OUT/policy` (a checkpoint `load_policy` reads), with LoRA
+    adapters merged into its weights."""
+    if any(True for _ in lora_layers(policy)):
+        policy = copy.deepcopy(policy)
+        remove_lora(policy)
     path = Path(out) / "policy"
     save_checkpoint(
         path,

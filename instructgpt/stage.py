@@ -11,12 +11,14 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from transformer.lora import LoRAConfig, adapters_disabled
 from transformer.training import (
     ConfigError,
     Distributed,
     TrainingRun,
     add_common_arguments,
     add_dataclass_arguments,
+    dataclass_from_args,
     non_negative_int,
     seed_everything,
     select_dtype,
@@ -41,12 +43,40 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return frozen
 
 
+class AdaptersOff:
+    """The frozen reference of DPO and PPO when the policy trains LoRA adapters: the policy itself
+    with its adapters switched off, in eval mode and without gradients. That is W₀, the model the
+    policy started from, so the reference costs no second copy of the weights."""
+
+    def __init__(self, policy: torch.nn.Module):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad(), adapters_disabled(self.policy):
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.train(was_training)
+
+
+def reference_model(policy: torch.nn.Module, args):
+    """What the policy is kept close to, taken before `start_run` (which may restore trained
+    weights): with `--lora-rank`, the policy's base with its adapters off (no copy; the adapters
+    go on in `start_run`), else a frozen copy of the policy as it is now."""
+    if dataclass_from_args(LoRAConfig, args).lora_rank:
+        return AdaptersOff(policy)
+    return frozen_copy(policy)
+
+
 def add_training_arguments(
     parser: argparse.ArgumentParser, config_class, name: str, checkpoint_unit: str = "steps"
 ) -> None:
     """The flags every training stage ends with: its config dataclass's fields, --checkpoint-every
     and the shared --device --dtype --seed --out --resume --compile."""
     add_dataclass_arguments(parser, config_class, name)
+    add_dataclass_arguments(parser, LoRAConfig, "LoRA (Hu et al. 2021): train adapters only")
     parser.add_argument(
         "--checkpoint-every",
         type=non_negative_int,
@@ -81,9 +111,19 @@ def start_run(
 ) -> tuple[TrainingRun, torch.optim.AdamW]:
     """AdamW (β = 0.9, 0.95) over `model`, and the run directory `args.out` that checkpoints both
     (resumed from `args.resume`; `config.json` says `{"kind": kind, "llama": llama}` and
-    `{"stage": stage, **config}`), with the tokenizer saved beside it by the main process."""
+    `{"stage": stage, **config}`), with the tokenizer saved beside it by the main process.
+
+    With `--lora-rank R`, LoRA adapters go on `model` first and only they train (and a reward or
+    value model's scalar head, which starts untrained); `config.json` records them under "lora"."""
+    lora = dataclass_from_args(LoRAConfig, args)
+    if lora.lora_rank:
+        lora.apply(model, trainable=("head",))
+        extra_config = {**extra_config, "lora": asdict(lora)}
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95)
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=(0.9, 0.95),
     )
     run = TrainingRun(
         args.out,

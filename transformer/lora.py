@@ -67,13 +67,12 @@ class LoRAConfig:
         if not self.lora_targets:
             raise LoRAError("LoRAConfig.lora_targets names no layer")
 
-    def apply(self, model: nn.Module) -> list[str]:
+    def apply(self, model: nn.Module, trainable: Iterable[str] = ()) -> list[str]:
         """`add_lora` with these settings (nothing when the rank is 0); the adapted names."""
         if self.lora_rank == 0:
             return []
-        return add_lora(
-            model, self.lora_targets, self.lora_rank, self.lora_alpha, self.lora_dropout
-        )
+        return add_lora(model, self.lora_targets, self.lora_rank, self.lora_alpha,
+                        self.lora_dropout, trainable)  # fmt: skip
 
 
 class LoRALinear(nn.Module):
@@ -163,9 +162,11 @@ def add_lora(
     rank: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
+    trainable: Iterable[str] = (),
 ) -> list[str]:
-    """Put a LoRA adapter on every `nn.Linear` matching `targets`, freeze everything else; returns
-    the adapted module names. Only `lora_A` / `lora_B` stay trainable."""
+    """Put a LoRA adapter on every linear layer matching `targets` and freeze everything else but
+    the modules matching `trainable` (a reward model's new head: peft's `modules_to_save`);
+    returns the adapted module names."""
     targets = list(targets)
     if rank < 1:
         raise LoRAError(f"LoRA rank must be a positive integer, not {rank}")
@@ -181,8 +182,11 @@ def add_lora(
         raise LoRAError(
             f"LoRA targets {targets} match no linear layer; the model's are: {', '.join(names)}"
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
+    trainable = list(trainable)
+    for name, module in model.named_modules():
+        if trainable and name and _matches(name, trainable):
+            module.requires_grad_(True)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -207,8 +211,9 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> None:
-    """Put every adapted layer's base back in its place (merged first unless `merge=False`), so
-    the model saves and exports exactly like one that never had adapters."""
+    """Put every adapted layer's base back in its place (merged first unless `merge=False`) and
+    make every parameter trainable again, so the model saves, exports and trains exactly like one
+    that never had adapters."""
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge()
@@ -216,7 +221,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
             layer.unmerge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base.requires_grad_(True))
+        setattr(parent, child, layer.base)
+    model.requires_grad_(True)
 
 
 @contextlib.contextmanager
