@@ -58,13 +58,21 @@ def _blocks(flat: Tensor, block: int) -> Tensor:
     return F.pad(flat, (0, pad)).view(-1, block)
 
 
-def quantize_nf4(weight: Tensor) -> dict[str, Tensor]:
-    """NF4 indices (two per byte) and the double-quantised block constants of `weight`."""
+def nf4_blocks(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 1 block by block: (index of the nearest NF4 code of every weight (n_blocks, 64), uint8;
+    the absmax constant c₂ of every block of 64, fp32). The last block is zero-padded."""
     code = nf4_code().to(weight.device)
     blocks = _blocks(weight.detach().float().flatten(), NF4_BLOCK)
-    absmax = blocks.abs().amax(1)  # c₂, one per block of 64
+    absmax = blocks.abs().amax(1)
     normed = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
     index = torch.bucketize(normed, (code[1:] + code[:-1]) / 2).to(torch.uint8)  # nearest code
+    return index, absmax
+
+
+def quantize_nf4(weight: Tensor) -> dict[str, Tensor]:
+    """NF4 indices (two per byte, the first in the high nibble) and the double-quantised block
+    constants of `weight`."""
+    index, absmax = nf4_blocks(weight)
     packed = (index[:, 0::2] << 4) | index[:, 1::2]
     # Double quantisation: c₂ - mean in int8 blocks of 256, one fp32 scale c₁ per block.
     mean = absmax.mean()

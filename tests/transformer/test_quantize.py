@@ -14,6 +14,7 @@ from transformer.quantize import (
     QuantizeError,
     dequantize_model,
     dequantize_nf4,
+    nf4_blocks,
     nf4_code,
     quantize_model,
     quantize_nf4,
@@ -31,6 +32,22 @@ PAPER_NF4 = [
 
 def test_nf4_code_book_is_the_papers_table():
     torch.testing.assert_close(nf4_code(), torch.tensor(PAPER_NF4), rtol=0, atol=1e-6)
+
+
+def test_nf4_first_level_equals_bitsandbytes():
+    """Against bitsandbytes' CPU path (without its double quantisation, whose second level uses
+    an 8-bit float code where ours uses int8): the same code book, the same packed 4-bit codes,
+    the same dequantised weights."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(4)
+    w = torch.randn(48, 256) * 0.05
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    torch.testing.assert_close(state.code.float(), nf4_code(), rtol=0, atol=2e-7)  # float32 ulps
+    index, absmax = nf4_blocks(w)
+    torch.testing.assert_close(absmax, state.absmax.float())
+    assert torch.equal(quantize_nf4(w)["packed"], packed.flatten())
+    ours = (nf4_code()[index.long()] * absmax[:, None]).view_as(w)
+    torch.testing.assert_close(ours, bnb.dequantize_4bit(packed, state), rtol=0, atol=1e-7)
 
 
 def test_nf4_round_trip_error_is_within_what_the_block_constants_imply():

@@ -168,3 +168,32 @@ def test_qlora_fine_tune_stores_an_nf4_base_and_merges_only_when_dequantised(
     assert "nf4-quantised base: merging needs --dequantize" in capsys.readouterr().err
     assert merge_main(["--checkpoint", str(run), "--out", str(merged), "--dequantize"]) == 0
     assert _greedy(merged, capsys) == from_run
+
+
+def test_two_process_qlora_fine_tune_matches_one_process(tmp_path, pretrained, text_file):
+    """DDP over the adapters only (the NF4 base is frozen): gloo on CPU, same losses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    common = ["-m", "xllama.train", *TINY, "--init-from", str(pretrained), "--text", str(text_file)]
+    common += ["--steps", "3", "--batch-size", "4", "--eval-every", "0", "--lora-rank", "2"]
+    common += ["--quantize", "nf4"]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    two = subprocess.run([*torchrun, "--master-port", "29541", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return torch.tensor([r["loss"] for r in rows if "loss" in r])
+
+    torch.testing.assert_close(
+        losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-5
+    )
