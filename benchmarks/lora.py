@@ -4,9 +4,9 @@
 
 1. Pretrain the `small` preset on the embedded corpus (`python -m xllama.train`'s default), or take
    `--base DIR`.
-2. Fine-tune it on the text for `--steps` steps, once per method: full fine-tuning; LoRA on the
-   attention projections at r = 1, 4, 8, 16, 64; QLoRA (NF4 base + LoRA r = 8); int8 base + LoRA
-   r = 8. Each run is its own `xllama.train --init-from` process, one after another.
+2. Fine-tune it on the text for `--steps` steps, once per method: full fine-tuning; LoRA on every
+   linear layer at r = 1, 4, 8, 16, 64; QLoRA (NF4 base + LoRA r = 8); int8 base + LoRA r = 8.
+   Each run is its own `xllama.train --init-from` process, one after another.
 3. Report per method: validation loss at the end (the same held-out tail of the text), trainable
    parameters, weight memory (parameters and buffers as trained: the quantised base is smaller),
    the process's peak resident memory, and the median step time; and a plot of validation loss
@@ -37,16 +37,21 @@ from transformer.quantize import ABSMAX_BLOCK, NF4_BLOCK, quantize_model, weight
 from xllama.convert import QUANTIZE_SKIP, load_checkpoint  # noqa: E402
 from xllama.model import LLAMA2, Llama  # noqa: E402
 
-METHODS = {  # name: (lora rank, quantize, learning rate)
-    "full fine-tuning": (0, "none", 1e-3),
-    "LoRA r=1": (1, "none", 5e-3),
-    "LoRA r=4": (4, "none", 5e-3),
-    "LoRA r=8": (8, "none", 5e-3),
-    "LoRA r=16": (16, "none", 5e-3),
-    "LoRA r=64": (64, "none", 5e-3),
-    "QLoRA (NF4 + LoRA r=8)": (8, "nf4", 5e-3),
-    "int8 + LoRA r=8": (8, "int8", 5e-3),
+# name: (lora rank, quantize, peak learning rate). Each kind has the better of the peak rates tried
+# on this base (full: 1e-3 and 2e-3; LoRA r = 8: 5e-3, 1e-2 and 2e-2).
+METHODS = {
+    "full fine-tuning": (0, "none", 2e-3),
+    "LoRA r=1": (1, "none", 1e-2),
+    "LoRA r=4": (4, "none", 1e-2),
+    "LoRA r=8": (8, "none", 1e-2),
+    "LoRA r=16": (16, "none", 1e-2),
+    "LoRA r=64": (64, "none", 1e-2),
+    "QLoRA (NF4 + LoRA r=8)": (8, "nf4", 1e-2),
+    "int8 + LoRA r=8": (8, "int8", 1e-2),
 }
+# Every linear layer gets adapters, the output head included: on this small base, fine-tuning to a
+# new domain moves the head most (attention alone: validation loss +32% over full fine-tuning).
+TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]
 
 
 def run(args: list[str], threads: int) -> tuple[int, int]:
@@ -66,9 +71,9 @@ def weight_memory(base: Path, rank: int, quantize: str) -> tuple[int, int, int]:
     if quantize != "none":
         quantize_model(model, quantize, skip=QUANTIZE_SKIP)
     if rank:
-        add_lora(model, ["wq", "wk", "wv", "wo"], rank, 2.0 * rank)
+        add_lora(model, TARGETS, rank, 2.0 * rank)
     trainable, _ = trainable_parameters(model)
-    return weight_bytes(model), trainable, n_base + trainable
+    return weight_bytes(model), trainable, n_base + (trainable if rank else 0)
 
 
 def metrics(run_dir: Path) -> tuple[float, float]:
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
         flags += ["--steps", str(args.steps), "--lr", str(lr), "--min-lr", str(lr / 10)]
         flags += ["--time-limit", "0", "--eval-every", "0", "--warmup-steps", "20"]
         if rank:
-            flags += ["--lora-rank", str(rank), "--lora-alpha", str(2 * rank)]
+            flags += ["--lora-rank", str(rank), "--lora-alpha", str(2 * rank), "--lora-targets"]
+            flags += TARGETS
         if quantize != "none":
             flags += ["--quantize", quantize]
         code, peak_kb = run(flags, args.threads)

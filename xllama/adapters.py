@@ -39,14 +39,18 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _hf_module(ours: str) -> str:
-    """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj`."""
-    _, index, rest = ours.split(".", 2)
-    if rest not in HF_MODULES:
+    """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj`; `output` -> `lm_head`."""
+    if ours == "output":
+        return "lm_head"
+    parts = ours.split(".", 2)
+    if len(parts) != 3 or parts[0] != "layers" or parts[2] not in HF_MODULES:
         raise LoRAError(f"{ours} has no Hugging Face counterpart")
-    return f"model.layers.{index}.{HF_MODULES[rest]}"
+    return f"model.layers.{parts[1]}.{HF_MODULES[parts[2]]}"
 
 
 def _our_module(hf: str) -> str:
+    if hf == "lm_head":
+        return "output"
     back = {v: k for k, v in HF_MODULES.items()}
     parts = hf.split(".")
     if len(parts) != 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:]) not in back:

@@ -33,7 +33,7 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, pairing):
     torch.manual_seed(0)
     ours = Llama(replace(TINY, rope_pairing=pairing)).eval()
     export_hf(ours, tmp_path / "hf")  # the base W0
-    add_lora(ours, ATTENTION + FEED_FORWARD, rank=4, alpha=8.0)
+    add_lora(ours, ATTENTION + FEED_FORWARD + ("output",), rank=4, alpha=8.0)
     randomise_b(ours)
     save_peft_adapter(ours, tmp_path / "adapter")
     base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -57,14 +57,15 @@ def test_a_peft_adapter_loads_here_with_the_same_logits(tmp_path, pairing):
     base = transformers.LlamaForCausalLM(hf_config).eval()
     base.save_pretrained(tmp_path / "hf")
     lora = peft.LoraConfig(
-        r=4, lora_alpha=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+        r=4, lora_alpha=12,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "lm_head"],
         init_lora_weights=False,  # random B, so the adapter changes the output
     )  # fmt: skip
     theirs = peft.get_peft_model(base, lora).eval()
     theirs.save_pretrained(tmp_path / "adapter")
     ours = load_hf(tmp_path / "hf", rope_pairing=pairing).eval()
     adapted = load_any_adapter(ours, tmp_path / "adapter")
-    assert len(adapted) == 2 * 5
+    assert len(adapted) == 2 * 5 + 1
     tokens = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         expected = theirs(tokens).logits

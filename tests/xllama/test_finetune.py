@@ -197,3 +197,13 @@ def test_two_process_qlora_fine_tune_matches_one_process(tmp_path, pretrained, t
     torch.testing.assert_close(
         losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.slow
+def test_lora_benchmark_smoke(tmp_path):
+    """benchmarks/lora.py end to end at tiny sizes (nine training processes: slow)."""
+    from benchmarks.lora import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    assert main(["--smoke", "--text", str(text), "--steps", "3", "--out", str(tmp_path)]) == 0
