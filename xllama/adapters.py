@@ -126,6 +126,12 @@ def _from_peft(model: Llama, tensors, config: dict, directory: Path):
         if not key.startswith(PEFT_PREFIX) or not key.endswith(".weight"):
             raise LoRAError(f"{directory}: unexpected tensor {key!r} in a peft LoRA adapter")
         module, factor = key[len(PEFT_PREFIX) : -len(".weight")].rsplit(".", 1)
+        if factor == "base_layer" and module == "lm_head":
+            # peft saves the base output layer beside its adapter (for resized vocabularies);
+            # here the base is the model the adapter is loaded onto: it must be that layer.
+            if tensor.shape != model.output.weight.shape:
+                raise LoRAError(f"{directory}: the adapter's lm_head is for another vocabulary")
+            continue
         if factor not in ("lora_A", "lora_B"):
             raise LoRAError(f"{directory}: unexpected tensor {key!r} in a peft LoRA adapter")
         module = _our_module(module)
