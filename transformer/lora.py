@@ -55,8 +55,8 @@ class LoRAConfig:
     lora_dropout: float = param(0.0, "dropout on the adapters' input")
     lora_targets: tuple[str, ...] = param(
         ("wq", "wk", "wv", "wo"),
-        "linear layers that get adapters, by name or glob (default: the attention projections; "
-        "add w1 w2 w3 for Llama's feed-forward)",
+        "linear layers that get adapters, by name or glob: the attention projections; add w1 w2 "
+        "w3 for Llama's feed-forward and output for its head",
     )
 
     def __post_init__(self):
