@@ -26,6 +26,7 @@ from transformer import translate as tr_translate
 from transformer.training import run_command, save_checkpoint
 from xllama import Llama, LlamaConfig
 from xllama import generate as xl_generate
+from xllama import merge as xl_merge
 from xllama import train as xl_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +126,10 @@ FLAGS = [
     (xl_generate, ["--checkpoint", "x", "--max-new-tokens", "-1"], "--max-new-tokens: must be at"),
     (xl_generate, ["--checkpoint", "x", "--top-p", "0"], "--top-p: must be a finite number in (0"),
     (xl_generate, ["--checkpoint", "x", "--top-k", "0"], "--top-k: must be at least 1"),
+    (xl_merge, ["--checkpoint", "x", "--out", "y", "--format", "gguf"], "invalid choice: 'gguf'"),
+    (xl_train, ["--lora-rank", "4", *OUT], "--lora-rank fine-tunes a trained model"),
+    (xl_train, ["--lora-alpha", "nan", *OUT], "LoRAConfig.lora_alpha must be a finite"),
+    (xl_train, ["--quantize", "int4", *OUT], "invalid choice: 'int4'"),
     # instructgpt stages: configs are checked before any model is loaded
     (sft, ["--model", "x", "--steps", "0", *OUT], "SFTConfig.steps must be > 0"),
     (sft, ["--model", "x", "--lr", "nan", *OUT], "SFTConfig.lr must be a finite number"),
@@ -218,6 +223,8 @@ def test_a_damaged_or_foreign_checkpoint_config_is_one_line(files, variant, mess
         (dali_train, ["--data", "mnist:{binary}"], "MNIST directory is a file, not a directory"),
         (dali_sample, ["--checkpoint", "{dir}", "--out", "{dir}/x.png"], "no checkpoint found"),
         (tr_translate, ["--checkpoint", "{binary-config}"], "not JSON text"),
+        (xl_merge, ["--checkpoint", "{binary-config}", "--out", "{dir}/m"], "not JSON text"),
+        (xl_merge, ["--checkpoint", "{dir}", "--out", "{dir}/m"], "is not a checkpoint"),
         (tok_train, ["--input", "{binary}"], "is not UTF-8 text"),
         (
             tok_encode,
