@@ -79,8 +79,10 @@ class PipelineConfig:
     pretrain_batch: int = param(32, "windows per pretraining step")
     pretrain_lr: float = param(2e-3, "peak pretraining learning rate")
     sft_steps: int = param(200, "SFT steps")
+    sft_lr: float = param(3e-4, "SFT peak learning rate")
     k: int = param(8, "responses sampled per prompt and ranked by the labeler")
     rm_steps: int = param(300, "reward model steps")
+    rm_lr: float = param(1e-4, "reward model peak learning rate")
     ppo_iterations: int = param(80, "PPO rollout batches per β")
     ppo_lr: float = param(5e-5, "PPO learning rate")
     ppo_betas: list[float] = param(
@@ -124,10 +126,10 @@ class PipelineConfig:
         )  # fmt: skip
 
     def sft(self) -> SFTConfig:
-        return SFTConfig(steps=self.sft_steps)
+        return SFTConfig(steps=self.sft_steps, lr=self.sft_lr)
 
     def reward(self) -> RewardConfig:
-        return RewardConfig(steps=self.rm_steps)
+        return RewardConfig(steps=self.rm_steps, lr=self.rm_lr)
 
     def ppo(self, beta: float) -> PPOConfig:
         return PPOConfig(
