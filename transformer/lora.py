@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .quantize import QuantizedLinear
 from .training import UserError, check_config, param
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,9 +62,8 @@ class LoRAConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a JSON list too
-        check_config(self, non_negative=("lora_rank", "lora_dropout"), positive=("lora_alpha",))
-        if not 0 <= self.lora_dropout < 1:
-            raise LoRAError(f"LoRAConfig.lora_dropout must be in [0, 1), not {self.lora_dropout}")
+        check_config(self, non_negative=("lora_rank",), positive=("lora_alpha",),
+                     below_one=("lora_dropout",))  # fmt: skip
         if not self.lora_targets:
             raise LoRAError("LoRAConfig.lora_targets names no layer")
 
@@ -144,16 +144,16 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     """An `nn.Linear` or a quantised linear layer (`transformer.quantize`): what LoRA adapts."""
-    return isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False)
+    return isinstance(module, (nn.Linear, QuantizedLinear))
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Names of the model's linear layers (what `add_lora` can target), adapted ones included."""
-    return [
-        name
-        for name, m in model.named_modules()
-        if (is_linear(m) or isinstance(m, LoRALinear)) and not name.endswith(".base")
-    ]
+    """Names of the model's linear layers (what `add_lora` can target), adapted ones included
+    (by their own name, not their `base`'s)."""
+    adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    bases = {f"{name}.base" if name else "base" for name in adapted}
+    return [name for name, m in model.named_modules()
+            if name in adapted or (is_linear(m) and name not in bases)]  # fmt: skip
 
 
 def add_lora(
@@ -176,7 +176,7 @@ def add_lora(
         raise LoRAError(f"LoRA dropout must be in [0, 1), not {dropout}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LoRAError("the model already has LoRA adapters")
-    chosen = [n for n in linear_names(model) if _matches(n, targets) and n != "base"]
+    chosen = [n for n in linear_names(model) if _matches(n, targets)]
     if not chosen:
         names = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
         raise LoRAError(

@@ -22,6 +22,8 @@ QLoRA §3, in order:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,13 +38,15 @@ class QuantizeError(UserError, ValueError):
     """A model or layer that cannot be quantised (again) or used quantised."""
 
 
+@functools.cache
 def nf4_code() -> Tensor:
     """The 16 NF4 values, ascending, in [−1, 1] with an exact zero (QLoRA §3, Appendix E).
 
     Quantiles of N(0, 1) at evenly spaced probabilities from `offset` to 1/2: 8 for the positive
     half (9 points, the last is the median, dropped) and 7 for the negative one, plus zero; divided
     by the largest so that the extremes are ±1. `offset` = ½(1 − 1/30 + 1 − 1/32) keeps the
-    outermost quantile finite (bitsandbytes' `create_normal_map(0.9677083)`).
+    outermost quantile finite (bitsandbytes' `create_normal_map(0.9677083)`). Computed once (every
+    forward pass reads it); do not modify the returned tensor.
     """
     offset = 0.9677083
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
@@ -100,65 +104,63 @@ def dequantize_nf4(q: dict[str, Tensor], shape: torch.Size, dtype=torch.float32)
     return values.flatten()[:n].view(shape).to(dtype)
 
 
-class NF4Linear(nn.Module):
-    """A frozen linear layer stored in NF4 with double quantisation; dequantised in the forward."""
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantised and dequantised in the forward pass
+    (to `compute_dtype`, the dtype of the layer it replaces); subclasses say how it is stored."""
 
-    is_quantized_linear = True
-    bits = "nf4"
+    bits = ""
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype or linear.weight.dtype
-        for name, tensor in quantize_nf4(linear.weight).items():
-            self.register_buffer(name, tensor)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
+    def dequantized_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}"
+
+
+class NF4Linear(QuantizedLinear):
+    """NF4 with double quantisation (QLoRA §3)."""
+
+    bits = "nf4"
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None):
+        super().__init__(linear, compute_dtype)
+        for name, tensor in quantize_nf4(linear.weight).items():
+            self.register_buffer(name, tensor)
 
     def dequantized_weight(self) -> Tensor:
         q = {
             name: getattr(self, name)
             for name in ("packed", "absmax_q", "absmax_scale", "absmax_mean")
         }
-        return dequantize_nf4(q, self.shape, self.compute_dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+        shape = torch.Size((self.out_features, self.in_features))
+        return dequantize_nf4(q, shape, self.compute_dtype)
 
 
-class Int8Linear(nn.Module):
-    """A frozen linear layer stored as int8 with one absmax scale per output channel (row):
-    W ≈ q · s, s = max|W_row| / 127. The baseline beside NF4, same interface."""
+class Int8Linear(QuantizedLinear):
+    """int8 with one absmax scale per output channel (row): W ≈ q · s, s = max|W_row| / 127. The
+    baseline beside NF4."""
 
-    is_quantized_linear = True
     bits = "int8"
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = compute_dtype or linear.weight.dtype
+        super().__init__(linear, compute_dtype)
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(1) / 127
-        self.register_buffer(
-            "weight_q", torch.round(weight / scale.clamp(min=1e-30)[:, None]).to(torch.int8)
-        )
+        quantized = torch.round(weight / scale.clamp(min=1e-30)[:, None]).to(torch.int8)
+        self.register_buffer("weight_q", quantized)
         self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
 
     def dequantized_weight(self) -> Tensor:
         return (self.weight_q.float() * self.scale[:, None]).to(self.compute_dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 QUANTIZED = {"nf4": NF4Linear, "int8": Int8Linear}
@@ -169,7 +171,7 @@ def quantize_model(model: nn.Module, kind: str, skip: tuple[str, ...] = ()) -> l
     quantised form, in place; returns the quantised names. The model is frozen afterwards."""
     if kind not in QUANTIZED:
         raise QuantizeError(f"unknown quantisation {kind!r}; choose one of: {', '.join(QUANTIZED)}")
-    if any(getattr(m, "is_quantized_linear", False) for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise QuantizeError("the model is already quantised; quantising it twice would lose more")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and n.rsplit(".", 1)[-1] not in skip and n not in skip]  # fmt: skip
@@ -186,7 +188,7 @@ def quantize_model(model: nn.Module, kind: str, skip: tuple[str, ...] = ()) -> l
 def dequantize_model(model: nn.Module) -> None:
     """Replace every quantised layer by an `nn.Linear` holding its dequantised weight."""
     for name, module in list(model.named_modules()):
-        if getattr(module, "is_quantized_linear", False):
+        if isinstance(module, QuantizedLinear):
             linear = nn.Linear(
                 module.in_features, module.out_features, bias=module.bias is not None
             )

@@ -35,6 +35,7 @@ HF_MODULES = {
     "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj",
 }
+OUR_MODULES = {hf: ours for ours, hf in HF_MODULES.items()}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -51,11 +52,14 @@ def _hf_module(ours: str) -> str:
 def _our_module(hf: str) -> str:
     if hf == "lm_head":
         return "output"
-    back = {v: k for k, v in HF_MODULES.items()}
     parts = hf.split(".")
-    if len(parts) != 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:]) not in back:
+    if (
+        len(parts) != 5
+        or parts[:2] != ["model", "layers"]
+        or ".".join(parts[3:]) not in OUR_MODULES
+    ):
         raise LoRAError(f"the peft adapter adapts {hf!r}, which a Llama model does not have")
-    return f"layers.{parts[2]}.{back['.'.join(parts[3:])]}"
+    return f"layers.{parts[2]}.{OUR_MODULES['.'.join(parts[3:])]}"
 
 
 def _heads(model: Llama, module: str) -> int | None:

@@ -33,6 +33,7 @@ from transformer.training import (
 from transformer.training.checkpoint import read_json_object, safe_torch_load
 
 from .model import Llama, LlamaConfig, XLlamaError
+from .tokenization import load_tokenizer, tokenizer_for_checkpoint
 
 PACKAGE = "xllama"
 # QLoRA quantises every linear layer of the base but the output head (kept in float, as
@@ -457,8 +458,6 @@ def load_checkpoint(
     `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` beside the
     weights; a run trained with LoRA comes back with its adapters merged into the weights (and a
     quantised base dequantised first)."""
-    from .tokenization import load_tokenizer, tokenizer_for_checkpoint
-
     config = None
     if checkpoint_kind(directory) == PACKAGE:
         directory = find_checkpoint(directory)

@@ -15,16 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from transformer.lora import remove_lora
-from transformer.training import (
-    CommandParser,
-    find_checkpoint,
-    read_config,
-    run_command,
-    save_checkpoint,
-)
+from transformer.training import CommandParser, run_command, save_checkpoint
 
 from .adapters import load_any_adapter
-from .convert import PACKAGE, checkpoint_kind, export_hf, load_checkpoint
+from .convert import PACKAGE, export_hf, load_checkpoint
 from .model import XLlamaError
 from .tokenization import keep_tokenizer
 
@@ -65,14 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    kind = checkpoint_kind(args.checkpoint)
-    if kind == PACKAGE and not args.dequantize:
-        quantized = read_config(find_checkpoint(args.checkpoint)).get("quantize")
-        if quantized:
-            raise XLlamaError(
-                f"{args.checkpoint} has a {quantized}-quantised base: merging needs --dequantize"
-            )
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, args.tokenizer)  # a run's LoRA merged
+    model, tokenizer, config = load_checkpoint(args.checkpoint, args.tokenizer)  # LoRA merged
+    quantized = (config or {}).get("quantize")
+    if quantized and not args.dequantize:
+        raise XLlamaError(
+            f"{args.checkpoint} has a {quantized}-quantised base: merging needs --dequantize"
+        )
     if args.adapter is not None:
         load_any_adapter(model, args.adapter)
     remove_lora(model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -83,20 +82,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None):
     return tokens.to(device), mask.to(device)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def decode_step(model: Llama):
     """`model` under `torch.compile`, for the one-token steps of decoding: the same forward, traced
-    with dynamic shapes (the cache grows by one slot a step) and compiled once per model, on the
-    first call (tens of seconds on a CPU; a C++ compiler is needed there)."""
-    if model not in _COMPILED:
-        # Inductor leaves RoPE's complex product to eager kernels; that is expected, not a problem.
-        warnings.filterwarnings(
-            "ignore", "Torchinductor does not support code generation for complex"
-        )
-        _COMPILED[model] = torch.compile(model, dynamic=True)
-    return _COMPILED[model]
+    with dynamic shapes (the cache grows by one slot a step). Compiled on the first call (tens of
+    seconds on a CPU, which needs a C++ compiler); torch keeps the compiled code with the model's
+    `forward`, so later calls, through a new wrapper, reuse it."""
+    # Inductor leaves RoPE's complex product to eager kernels; that is expected, not a problem.
+    warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
+    return torch.compile(model, dynamic=True)
 
 
 @torch.inference_mode()

@@ -14,6 +14,7 @@ config stores so `xllama.generate` can rebuild the tokenizer.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tokenizer import BPETokenizer
@@ -159,8 +160,6 @@ def tokenizer_for_checkpoint(directory: Path, config: dict | None):
 
 def keep_tokenizer(tokenizer, directory: Path) -> None:
     """Copy a tokenizer's file into a run directory, so the run's spec finds it there."""
-    import shutil
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, BPE) and not isinstance(tokenizer, Tiktoken):

@@ -345,8 +345,8 @@ def prepare_data(args, out: Path, resume: Path | None, dist, model_vocab: int, t
         return tokenizer, ids, int(meta["vocab_size"])
     text = read_texts(args.text) if args.text else embedded_corpus()
     if tokenizer is not None:
-        pass
-    elif args.tokenizer == "char":
+        return tokenizer, tokenizer.encode(text), tokenizer.vocab_size
+    if args.tokenizer == "char":
         tokenizer = CharTokenizer.from_text(text)
     elif args.tokenizer == "bpe":
         saved = out / "tokenizer.bpe"

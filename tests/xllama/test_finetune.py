@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from transformer.lora import LoRALinear
+from transformer.training import run_command
 from xllama.convert import load_checkpoint, load_ours
 from xllama.generate import main as generate_main
 from xllama.merge import main as merge_main
@@ -31,6 +32,14 @@ def text_file(tmp_path):
     path = tmp_path / "shakespeare.txt"
     path.write_text(TEXT)
     return path
+
+
+def _command(main, argv) -> int:
+    """A command's exit status as its console script gives it (argparse errors exit 2 too)."""
+    try:
+        return run_command(main, argv)
+    except SystemExit as exit:
+        return exit.code
 
 
 def _greedy(checkpoint, capsys, *extra):
@@ -105,22 +114,11 @@ def test_full_fine_tune_from_a_run_keeps_its_tokenizer(tmp_path, pretrained, tex
     ],
 )  # fmt: skip
 def test_fine_tune_refusals_are_one_line(tmp_path, pretrained, text_file, capsys, extra, message):
-    from xllama.train import cli
-
     args = TINY + ["--text", str(text_file), "--steps", "1", "--out", str(tmp_path / "r")]
     args += [a.replace("{base}", str(pretrained)) for a in extra]
-    import sys
-
-    sys_argv = sys.argv
-    sys.argv = ["xllama.train", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli()
-    finally:
-        sys.argv = sys_argv
-    assert exit_info.value.code == 2
+    code = _command(train_main, args)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_lora_run_resumes_exactly(tmp_path, pretrained, text_file):
