@@ -1,9 +1,15 @@
 """Attention, written once for every package (Vaswani et al. 2017, §3.2).
 
-Scaled dot-product attention (§3.2.1, Eq. 1) appears twice: `attention_reference` spells out
-softmax(QKᵀ/√d_k)V as in the paper, and `scaled_dot_product_attention` hands the same maths to
-`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU). The
-two agree to float32 tolerance on every mask kind; the fast path is the default.
+Scaled dot-product attention (§3.2.1, Eq. 1) has three kernels, chosen by name (`KERNELS`):
+- `"reference"`: `attention_reference` spells out softmax(QKᵀ/√d_k)V as in the paper;
+- `"fused"` (the default): `torch.nn.functional.scaled_dot_product_attention` (flash /
+  memory-efficient kernels on GPU, a fused one on CPU);
+- `"flash"`: `flash_attention`, FlashAttention's tiling written out in PyTorch (Dao et al. 2022,
+  in the loop order of FlashAttention-2, Dao 2023, Algorithms 1 and 2): the online softmax over key
+  tiles, never forming the T×S score matrix, and a backward pass that recomputes each tile's
+  probabilities from the saved log-sum-exp. Memory grows linearly with the sequence; on a CPU it is
+  slower than the fused kernel (Python loops over tiles, see `benchmarks/attention.py`).
+The three agree to float32 tolerance on every mask kind, gradients included.
 
 `MultiHeadAttention` (§3.2.2) covers three head layouts through the number of key/value heads:
 multi-head (MHA, `n_kv_heads == n_heads`), grouped-query (GQA, Ainslie et al. 2023,
@@ -74,6 +80,9 @@ def attention_reference(
     return weights @ v
 
 
+KERNELS = ("fused", "reference", "flash")
+
+
 def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,
@@ -81,17 +90,23 @@ def scaled_dot_product_attention(
     mask: Tensor | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
-    fast: bool = True,
+    kernel: str = "fused",
 ) -> Tensor:
-    """Scaled dot-product attention (Eq. 1) through PyTorch's fused kernel, or the reference.
+    """Scaled dot-product attention (Eq. 1) through one of `KERNELS` (module docstring).
 
-    Grouped key/value heads are never repeated in memory here. With a mask that is the same for
-    every head (the usual causal / padding masks) the query heads of a group are folded into the
-    sequence axis, so each key/value head is read once for all its query heads; otherwise the
-    kernel's own `enable_gqa` broadcasting is used.
+    In the fused kernel, grouped key/value heads are never repeated in memory. With a mask that is
+    the same for every head (the usual causal / padding masks) the query heads of a group are
+    folded into the sequence axis, so each key/value head is read once for all its query heads;
+    otherwise the kernel's own `enable_gqa` broadcasting is used.
     """
-    if not fast:
+    if kernel == "reference":
         return attention_reference(q, k, v, mask, is_causal, dropout_p)
+    if kernel == "flash":
+        if dropout_p > 0.0:
+            raise ValueError("the flash kernel has no attention dropout; use kernel='fused'")
+        return flash_attention(q, k, v, mask, is_causal)
+    if kernel != "fused":
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}")
     q_len, k_len = q.size(-2), k.size(-2)
     if is_causal and (mask is not None or q_len != k_len):
         # The kernel's is_causal is aligned to the start; ours is aligned to the end.
@@ -111,6 +126,155 @@ def scaled_dot_product_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=n_rep > 1
     )
+
+
+def _tiles(length: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of consecutive tiles of `size` covering `length` (the last may be shorter)."""
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _grouped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None):
+    """Queries as (batch, n_kv_heads, n_rep, T, d) and keys/values as (batch, n_kv_heads, 1, S, d),
+    so that each key/value head serves its group by broadcasting (GQA/MQA without copies); the mask
+    as a boolean view that broadcasts to (batch, n_kv_heads, n_rep, T, S)."""
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, k_len = k.size(1), k.size(2)
+    n_rep = n_heads // n_kv_heads
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mask = mask.expand(*mask.shape[:2], q_len, k_len)  # a view: slicing tiles works on it
+        if mask.size(1) == n_heads:
+            mask = mask.reshape(mask.size(0), n_kv_heads, n_rep, q_len, k_len)
+        else:
+            mask = mask.unsqueeze(2)
+    q = q.reshape(batch, n_kv_heads, n_rep, q_len, head_dim)
+    return q, k.unsqueeze(2), v.unsqueeze(2), mask
+
+
+class FlashAttention(torch.autograd.Function):
+    """Exact attention by tiles (FlashAttention, Dao et al. 2022; loop order of FlashAttention-2,
+    Dao 2023). Inputs are laid out by `_grouped`; `block_q` × `block_k` is the tile (B_r × B_c).
+
+    On a GPU the tiles would live in SRAM and this loop would be one kernel; here each tile is a few
+    batched matmuls, so what carries over is the memory: no T×S matrix is ever formed or saved.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, block_q: int, block_k: int, causal_offset: int | None):
+        """Algorithm 1. For each query tile Q_i, walk the key tiles K_j, V_j keeping the running row
+        max m_i, the running sum ℓ_i of exp(S - m_i) and the unnormalised output Õ_i; rescale them by
+        exp(m_old - m_new) whenever the max grows (the online softmax). Save O and L = m + log ℓ."""
+        scale, acc = q.size(-1) ** -0.5, _accumulator(q.dtype)
+        q_len, k_len = q.size(-2), k.size(-2)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+        for i0, i1 in _tiles(q_len, block_q):
+            q_i = q[..., i0:i1, :]
+            m_i = torch.full(
+                q_i.shape[:-1], float("-inf"), dtype=acc, device=q.device
+            )  # line 5: m = -inf
+            l_i = torch.zeros(q_i.shape[:-1], dtype=acc, device=q.device)  # ℓ = 0
+            o_i = torch.zeros(q_i.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)  # Õ = 0
+            for j0, j1 in _tiles(_keys_seen(i1, k_len, causal_offset), block_k):
+                s_ij = (q_i @ k[..., j0:j1, :].transpose(-2, -1)).to(acc) * scale  # line 8
+                tile_mask = _tile_mask(mask, i0, i1, j0, j1, causal_offset, q.device)
+                if tile_mask is not None:
+                    s_ij = s_ij.masked_fill(~tile_mask, float("-inf"))
+                m_new = torch.maximum(m_i, s_ij.amax(-1))  # line 9: m_i^(j)
+                m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with no key yet
+                p_ij = torch.exp(s_ij - m_safe[..., None])  # P̃_i^(j) = exp(S - m_i^(j))
+                rescale = torch.exp(m_i - m_safe)  # exp(m_i^(j-1) - m_i^(j))
+                l_i = rescale * l_i + p_ij.sum(-1)  # ℓ_i^(j)
+                o_i = rescale[..., None] * o_i + p_ij @ v[..., j0:j1, :].to(acc)  # line 10: Õ_i^(j)
+                m_i = m_new
+            out[..., i0:i1, :] = o_i / l_i.clamp_min(1e-30)[..., None]  # line 12: O_i = diag(ℓ)⁻¹Õ
+            lse[..., i0:i1] = m_i + torch.log(l_i)  # line 13: L_i = m_i + log ℓ_i
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.block_q, ctx.block_k, ctx.causal_offset = (
+            mask,
+            block_q,
+            block_k,
+            causal_offset,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        """Algorithm 2. D = rowsum(dO ∘ O); for each key tile K_j, V_j and each query tile Q_i,
+        recompute P_ij = exp(S_ij - L_i) from the saved log-sum-exp, then dV_j += P_ijᵀ dO_i,
+        dP_ij = dO_i V_jᵀ, dS_ij = P_ij ∘ (dP_ij - D_i), dQ_i += dS_ij K_j, dK_j += dS_ijᵀ Q_i."""
+        q, k, v, out, lse = ctx.saved_tensors
+        mask, scale, acc = ctx.mask, q.size(-1) ** -0.5, _accumulator(q.dtype)
+        q_len, k_len = q.size(-2), k.size(-2)
+        d_out = d_out.to(acc)
+        delta = (d_out * out.to(acc)).sum(-1)  # line 4: D = rowsum(dO ∘ O)
+        lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # fully masked rows: P = 0
+        d_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+        d_k = torch.zeros(k.shape, dtype=acc, device=q.device)
+        d_v = torch.zeros(v.shape, dtype=acc, device=q.device)
+        for j0, j1 in _tiles(k_len, ctx.block_k):
+            k_j, v_j = k[..., j0:j1, :].to(acc), v[..., j0:j1, :].to(acc)
+            for i0, i1 in _tiles(q_len, ctx.block_q):
+                if _keys_seen(i1, k_len, ctx.causal_offset) <= j0:
+                    continue  # the whole tile is above the causal diagonal
+                q_i, do_i = q[..., i0:i1, :].to(acc), d_out[..., i0:i1, :]
+                s_ij = (q_i @ k_j.transpose(-2, -1)) * scale  # line 11: S_ij = Q_i K_jᵀ
+                tile_mask = _tile_mask(mask, i0, i1, j0, j1, ctx.causal_offset, q.device)
+                if tile_mask is not None:
+                    s_ij = s_ij.masked_fill(~tile_mask, float("-inf"))
+                p_ij = torch.exp(s_ij - lse[..., i0:i1, None])  # line 12: P_ij = exp(S_ij - L_i)
+                d_v[..., j0:j1, :] += (p_ij.transpose(-2, -1) @ do_i).sum(2, keepdim=True)  # 13
+                d_p = do_i @ v_j.transpose(-2, -1)  # line 14: dP_ij = dO_i V_jᵀ
+                d_s = p_ij * (d_p - delta[..., i0:i1, None])  # line 15: dS_ij = P ∘ (dP - D_i)
+                d_q[..., i0:i1, :] += (d_s @ k_j) * scale  # line 16: dQ_i += dS_ij K_j
+                d_k[..., j0:j1, :] += (d_s.transpose(-2, -1) @ q_i).sum(2, keepdim=True) * scale
+        return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), None, None, None, None
+
+
+def _tile_mask(mask, i0: int, i1: int, j0: int, j1: int, causal_offset: int | None, device):
+    """The mask of tile (i, j): the given mask's slice, and the causal mask built for this tile
+    alone where the tile crosses the diagonal (a T×S causal mask is never formed)."""
+    tile = None if mask is None else mask[..., i0:i1, j0:j1]
+    if causal_offset is not None and j1 - 1 > causal_offset + i0:  # a key after the first query
+        query_position = torch.arange(i0, i1, device=device) + causal_offset
+        causal = torch.arange(j0, j1, device=device) <= query_position[:, None]
+        tile = causal if tile is None else tile & causal
+    return tile
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Tiles accumulate in float32 at least (float64 stays float64, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _keys_seen(q_end: int, k_len: int, causal_offset: int | None) -> int:
+    """How many keys the queries before `q_end` can see: all of them, or (causal) up to the last
+    query's position; key tiles past it are skipped altogether, about half the work."""
+    return k_len if causal_offset is None else min(k_len, causal_offset + q_end)
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> Tensor:
+    """Eq. (1) by FlashAttention's tiling: same arguments and result as `attention_reference`
+    (dropout aside), with O(T + S) extra memory instead of O(T·S), gradients included.
+
+    `block_q` and `block_k` are the tile sizes (B_r and B_c in the papers). A fully masked query
+    row gives zeros (the reference gives NaN there).
+    """
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError(f"tile sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    batch, n_heads, q_len, head_dim = q.shape
+    causal_offset = k.size(2) - q_len if is_causal else None
+    q5, k5, v5, mask5 = _grouped(q, k, v, mask)
+    out = FlashAttention.apply(q5, k5, v5, mask5, block_q, block_k, causal_offset)
+    return out.reshape(batch, n_heads, q_len, head_dim)
 
 
 class KVCache:
@@ -195,7 +359,7 @@ class MultiHeadAttention(nn.Module):
         head_dim: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
-        fast: bool = True,
+        kernel: str = "fused",
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -206,7 +370,11 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
             head_dim = d_model // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.dropout, self.fast = dropout, fast
+        if kernel not in KERNELS:
+            raise ValueError(
+                f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}"
+            )
+        self.dropout, self.kernel = dropout, kernel
         self.wq = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -234,5 +402,5 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)
         dropout_p = self.dropout if self.training else 0.0
-        y = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout_p, self.fast)
+        y = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout_p, self.kernel)
         return self.wo(y.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim))

@@ -9,6 +9,7 @@ from transformer.attention import (
     attention_reference,
     causal_mask,
     combine_masks,
+    flash_attention,
     padding_mask,
     scaled_dot_product_attention,
 )
@@ -105,11 +106,11 @@ def _load_from_torch(ours: MultiHeadAttention, theirs: torch.nn.MultiheadAttenti
         ours.wo.bias.copy_(theirs.out_proj.bias)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_mha_matches_torch_multihead_attention(fast):
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
+def test_mha_matches_torch_multihead_attention(kernel):
     torch.manual_seed(0)
     theirs = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
-    ours = MultiHeadAttention(32, 4, fast=fast).eval()
+    ours = MultiHeadAttention(32, 4, kernel=kernel).eval()
     _load_from_torch(ours, theirs)
     x, memory = torch.randn(3, 6, 32), torch.randn(3, 9, 32)
     key_is_pad = torch.zeros(3, 9, dtype=torch.bool)
@@ -139,3 +140,108 @@ def test_rejects_bad_head_counts():
         MultiHeadAttention(32, 4, 3)
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(30, 4)
+
+
+# FlashAttention's tiling (Dao et al. 2022/2023): outputs and gradients against the explicit loop.
+
+FLASH_CASES = ["none", "causal", "padding", "causal+padding", "decode", "per-head"]
+
+
+def _case(kind, n_heads, n_kv_heads, q_len, k_len, batch=2):
+    """(mask, is_causal) for one of FLASH_CASES; no query row is fully masked."""
+    mask, is_causal = None, kind in ("causal", "decode", "causal+padding")
+    if kind in ("padding", "causal+padding"):
+        pad = torch.zeros(batch, k_len, dtype=torch.bool)
+        pad[1, : k_len // 3] = True  # row 1 left-padded; its first queries still see themselves
+        pad[0, -2:] = kind == "padding"  # row 0 right-padded (not with causal: rows would be empty)
+        mask = padding_mask(pad)
+        if kind == "causal+padding":
+            mask = mask.clone()
+            mask[1, ..., : k_len // 3] = True  # keep left-padded rows alive under the causal mask
+            mask[1, ..., k_len // 3 - 1] = False
+    if kind == "per-head":
+        g = torch.Generator().manual_seed(1)
+        mask = torch.rand(batch, n_heads, q_len, k_len, generator=g) > 0.3
+        mask[..., 0] = True
+    return mask, is_causal
+
+
+# (T, S, tile): not a multiple of the tile, an exact multiple, a tile bigger than the sequence.
+FLASH_SHAPES = [(37, 37, 8), (16, 16, 16), (13, 13, 64)]
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize(
+    "kind,q_len,k_len,block",
+    [(kind, *shape) for kind in FLASH_CASES if kind != "decode" for shape in FLASH_SHAPES]
+    + [("decode", 5, 29, 4), ("decode", 1, 29, 8)],
+)
+def test_flash_attention_equals_explicit_with_gradients(
+    n_heads, n_kv_heads, kind, q_len, k_len, block
+):
+    """Every mask kind and head layout, decoding shapes (T < S); gradients of q, k and v by
+    autograd through the explicit per-head loop."""
+    q, k, v = _qkv(n_heads, n_kv_heads, q_len, k_len)
+    mask, is_causal = _case(kind, n_heads, n_kv_heads, q_len, k_len)
+    full_mask = combine_masks(mask, causal_mask(q_len, k_len) if is_causal else None)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        return out.detach(), [t.grad for t in leaves]
+
+    expected, expected_grads = run(lambda q, k, v: _explicit(q, k, v, full_mask))
+    out, grads = run(
+        lambda q, k, v: flash_attention(q, k, v, mask, is_causal, block_q=block, block_k=block)
+    )
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_flash_attention_passes_gradcheck_with_uneven_tiles():
+    """Finite differences in float64, GQA, causal, tiles of 3 queries by 5 keys."""
+    q, k, v = (t.double().requires_grad_() for t in _qkv(4, 2, 7, 7, batch=1, head_dim=4))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: flash_attention(q, k, v, is_causal=True, block_q=3, block_k=5), (q, k, v)
+    )
+
+
+def test_flash_kernel_through_multi_head_attention_and_the_dispatcher():
+    torch.manual_seed(0)
+    fused = MultiHeadAttention(32, 4, 2).eval()
+    flash = MultiHeadAttention(32, 4, 2, kernel="flash").eval()
+    flash.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 70, 32)
+    torch.testing.assert_close(
+        flash(x, is_causal=True), fused(x, is_causal=True), atol=1e-5, rtol=1e-5
+    )
+    q, k, v = _qkv(4, 4)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        scaled_dot_product_attention(q, k, v, dropout_p=0.1, kernel="flash")
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        MultiHeadAttention(32, 4, kernel="tiled")
+    with pytest.raises(ValueError, match="tile sizes must be positive"):
+        flash_attention(q, k, v, block_q=0)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "flash"])
+def test_flash_attention_saves_no_quadratic_tensor_for_backward(kernel):
+    """What autograd keeps for the backward pass: the reference keeps T×T probabilities, the tiled
+    kernel only q, k, v, O and the log-sum-exp (linear in T)."""
+    n, d = 256, 16
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, n, n, batch=1, head_dim=d))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        scaled_dot_product_attention(q, k, v, is_causal=True, kernel=kernel).sum().backward()
+    if kernel == "flash":
+        assert max(saved) <= 2 * n * d and sum(saved) <= 10 * 2 * n * d
+    else:
+        assert max(saved) >= 2 * n * n

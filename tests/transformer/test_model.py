@@ -71,9 +71,9 @@ def _batch(config, batch=3, src_len=7, tgt_len=5, seed=0):
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
-def test_matches_torch_nn_transformer(fast, pre_norm):
+def test_matches_torch_nn_transformer(kernel, pre_norm):
     """Post-norm (the paper) and pre-norm (`norm_first=True` in torch) against torch.nn.Transformer
     with the same weights."""
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_matches_torch_nn_transformer(fast, pre_norm):
     _load_from_torch(model, ref)
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
-            m.fast = fast
+            m.kernel = kernel
     source, target = _batch(config)
     ours = model(source, target)
     with torch.no_grad():

@@ -123,7 +123,7 @@ def test_sliding_window_rolling_cache_equals_windowed_forward():
     plain = tiny(n_layers=1)
     plain.load_state_dict(one.state_dict())
     for layer in plain.layers:
-        layer.attention.fast = False
+        layer.attention.kernel = "reference"
     with torch.no_grad():
         banded = one(tokens)
         for t in (3, 9, 17):
