@@ -1,5 +1,6 @@
 """Byte-level BPE (Sennrich et al. 2016; GPT-2, Radford et al. 2019) that trains fast and
-matches tiktoken exactly, plus SentencePiece BPE models behind the same interface.
+matches tiktoken exactly, SentencePiece BPE models behind the same interface, and BERT's
+WordPiece (`WordPieceTokenizer`, ids equal to Hugging Face's BertTokenizer).
 
     from tokenizer import BPETokenizer
     tok = BPETokenizer.train(text, vocab_size=4096)            # GPT-4 split pattern
@@ -25,11 +26,15 @@ from tokenizer.errors import (
 from tokenizer.model import BPETokenizer
 from tokenizer.pretokenize import PATTERNS
 from tokenizer.spm import SentencePieceTokenizer, train_sentencepiece
+from tokenizer.wordpiece import WordPieceError, WordPieceTokenizer, train_wordpiece
 
 __all__ = [
     "BPETokenizer",
     "SentencePieceTokenizer",
     "train_sentencepiece",
+    "WordPieceTokenizer",
+    "train_wordpiece",
+    "WordPieceError",
     "PATTERNS",
     "embedded_corpus",
     "read_text_file",

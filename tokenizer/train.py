@@ -75,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        choices=["bpe", "sentencepiece"],
+        choices=["bpe", "sentencepiece", "wordpiece"],
         default="bpe",
         help="bpe: our byte-level BPE (writes tokenizer.bpe); sentencepiece: a Llama-2-style "
-        "SentencePiece BPE model with byte fallback (writes tokenizer.model) (default: bpe)",
+        "SentencePiece BPE model with byte fallback (writes tokenizer.model); wordpiece: BERT's "
+        "lower-cased WordPiece with BERT's special tokens (writes vocab.txt) "
+        "(default: bpe)",
     )
     parser.add_argument(
         "--held-out",
@@ -111,6 +113,10 @@ def run(args: argparse.Namespace) -> dict:
     if out.exists() and not out.is_dir():
         raise TokenizerError(f"--out {out} exists and is not a directory")
 
+    if args.backend == "wordpiece" and args.special:
+        raise TokenizerError(
+            "--special does not apply to wordpiece, which has BERT's [PAD] [UNK] [CLS] [SEP] [MASK]"
+        )
     start = time.perf_counter()
     if args.backend == "bpe":
         pattern = resolve_pattern(args.pattern)
@@ -128,6 +134,16 @@ def run(args: argparse.Namespace) -> dict:
             "pattern": pattern_name(pattern) or pattern,
             "merges": len(tokenizer.merges),
         }
+    elif args.backend == "wordpiece":
+        from tokenizer.wordpiece import SPECIALS, WordPieceTokenizer
+
+        tokenizer = WordPieceTokenizer.train(
+            train_documents, args.vocab_size, progress=not args.no_progress
+        )
+        seconds = time.perf_counter() - start
+        out.mkdir(parents=True, exist_ok=True)
+        files = [tokenizer.save(out / "vocab.txt")]
+        details = {"model": "wordpiece, lower-cased", "special_tokens": list(SPECIALS)}
     else:
         from tokenizer.spm import SentencePieceTokenizer, train_sentencepiece
 
@@ -140,7 +156,8 @@ def run(args: argparse.Namespace) -> dict:
         details = {"model": "sentencepiece bpe, byte fallback"}
 
     held_out_bytes = len(held_out.encode("utf-8"))
-    held_out_tokens = len(tokenizer.encode_ordinary(held_out)) if held_out else 0
+    encode = tokenizer.encode if args.backend == "wordpiece" else tokenizer.encode_ordinary
+    held_out_tokens = len(encode(held_out)) if held_out else 0
     stats = {
         "backend": args.backend,
         "input": source,
