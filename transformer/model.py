@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from .attention import KVCache, MultiHeadAttention, StaticKVCache, padding_mask
 from .training.config import ConfigError, check_config, param
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -58,6 +60,9 @@ class TransformerConfig:
     tie_embeddings: bool = param(
         True, "share source, target and output-projection weights (§3.4; needs a joint vocabulary)"
     )
+    activation: str = param(
+        "relu", "the feed-forward non-linearity: relu (Eq. 2) or gelu (BERT, GPT; exact erf form)"
+    )
     max_len: int = param(1024, "longest sequence the sinusoidal position table covers")
     norm_eps: float = param(1e-5, "LayerNorm epsilon")
     pad_id: int = param(
@@ -73,6 +78,11 @@ class TransformerConfig:
             non_negative=("pad_id",),
             below_one=("dropout", "attention_dropout"),
         )  # fmt: skip
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"TransformerConfig.activation {self.activation!r} is not one of "
+                f"{', '.join(ACTIVATIONS)}"
+            )
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"TransformerConfig.d_model ({self.d_model}) must be divisible by n_heads "
@@ -118,15 +128,17 @@ class Embedding(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """§3.3, Eq. (2): FFN(x) = max(0, x W1 + b1) W2 + b2, applied at each position."""
+    """§3.3, Eq. (2): FFN(x) = max(0, x W1 + b1) W2 + b2, applied at each position (BERT and GPT
+    put GELU where the max(0, ·) is: `activation="gelu"`)."""
 
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu"):
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.relu(self.w1(x)))
+        return self.w2(self.activation(self.w1(x)))
 
 
 class Residual(nn.Module):
@@ -158,7 +170,7 @@ class EncoderLayer(nn.Module):
         self.self_attention = MultiHeadAttention(
             config.d_model, config.n_heads, dropout=config.attention_dropout
         )
-        self.feed_forward = FeedForward(config.d_model, config.d_ff)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.activation)
         self.residual1 = Residual(config)
         self.residual2 = Residual(config)
 
@@ -179,7 +191,7 @@ class DecoderLayer(nn.Module):
         self.cross_attention = MultiHeadAttention(
             config.d_model, config.n_heads, dropout=config.attention_dropout
         )
-        self.feed_forward = FeedForward(config.d_model, config.d_ff)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.activation)
         self.residual1 = Residual(config)
         self.residual2 = Residual(config)
         self.residual3 = Residual(config)

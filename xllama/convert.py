@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -30,7 +29,7 @@ from transformer.training import (
     find_checkpoint,
     load_weights,
 )
-from transformer.training.checkpoint import read_json_object, safe_torch_load
+from transformer.training.checkpoint import read_json_object, read_safetensors, safe_torch_load
 
 from .model import Llama, LlamaConfig, XLlamaError
 from .tokenization import load_tokenizer, tokenizer_for_checkpoint
@@ -226,30 +225,6 @@ def _to_dtype(state: dict[str, Tensor], dtype) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------------
 # Hugging Face checkpoints
 # --------------------------------------------------------------------------------------------------
-
-
-def read_safetensors(directory: Path) -> dict[str, Tensor]:
-    """All tensors of `model.safetensors`, or of the shards named by `model.safetensors.index.json`."""
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {directory}")
-    tensors = {}
-    for name in files:
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{index.name} names {name}, which is not in {directory}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from None
-    return tensors
 
 
 def load_hf(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from .errors import UserError, one_line
@@ -229,3 +230,27 @@ def safe_torch_load(path: Path, mmap: bool = False):
         ) from None
     except Exception as exc:
         raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors`, or of the shards named by `model.safetensors.index.json`."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {directory}")
+    tensors = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{index.name} names {name}, which is not in {directory}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
+    return tensors
