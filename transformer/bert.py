@@ -12,6 +12,7 @@ Read top to bottom beside the paper:
 - §3.1 the heads: the pooler (tanh of a dense layer on the [CLS] state), Task #1 masked LM (dense,
   GELU, LayerNorm, then the output layer tied to the token embeddings, plus a bias) and Task #2
   next sentence prediction (a linear layer on the pooled [CLS]).
+- §4 `BertClassifier`: fine-tuning, a classification layer on the pooled [CLS] state.
 - §3.1 / Appendix A.1 `mask_tokens`: 15% of the positions are chosen; of those 80% become [MASK],
   10% a random token, 10% stay; the loss is on the chosen positions only.
 
@@ -179,6 +180,25 @@ class Bert(nn.Module):
     def nsp_logits(self, hidden: Tensor) -> Tensor:
         """Task #2: (batch, 2) scores for IsNext (0) and NotNext (1)."""
         return self.nsp(self.pooled(hidden))
+
+
+class BertClassifier(nn.Module):
+    """§4 fine-tuning: one classification layer W on the pooled [CLS] state C, softmax(C Wᵀ); for
+    a sentence pair the input is [CLS] A [SEP] B [SEP] with segments 0 and 1 (Hugging Face's
+    BertForSequenceClassification)."""
+
+    def __init__(self, bert: Bert, n_classes: int = 2):
+        super().__init__()
+        self.bert = bert
+        self.dropout = nn.Dropout(bert.config.dropout)
+        self.classifier = nn.Linear(bert.config.d_model, n_classes)
+        Bert._init_weights(self.classifier)
+
+    def forward(
+        self, ids: Tensor, segments: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        hidden = self.bert(ids, segments, attention_mask)
+        return self.classifier(self.dropout(self.bert.pooled(hidden)))
 
 
 def mask_tokens(
