@@ -21,6 +21,7 @@ from instructgpt import dpo, pipeline, ppo, reward, sft
 from instructgpt import evaluate as igpt_evaluate
 from tokenizer import encode as tok_encode
 from tokenizer import train as tok_train
+from transformer import bert_train
 from transformer import train as tr_train
 from transformer import translate as tr_translate
 from transformer.training import run_command, save_checkpoint
@@ -101,6 +102,12 @@ FLAGS = [
     (tr_train, ["--label-smoothing", "nan", *OUT], "TrainConfig.label_smoothing must be"),
     (tr_train, ["--lr-scale", "-1", *OUT], "TrainConfig.lr_scale must be > 0"),
     (tr_train, ["--target-exact-match", "2", *OUT], "target_exact_match must be in [0, 1]"),
+    (tr_train, ["--activation", "swish", *OUT], "activation 'swish' is not one of relu, gelu"),
+    (bert_train, ["--mask-prob", "0", *OUT], "mask_prob must be in (0, 1)"),
+    (bert_train, ["--seq-len", "600", "--config", "base", *OUT], "longer than the position table"),
+    (bert_train, ["--negatives", "easy", *OUT], "negatives must be hard or random"),
+    (bert_train, ["--task", "pairs", *OUT], "--task pairs needs --src and --tgt"),
+    (bert_train, ["--n-heads", "5", *OUT], "must be divisible by n_heads"),
     # dali.train
     (dali_train, ["--attention-heads", "3", *OUT], "do not split into attention_heads 3"),
     (dali_train, ["--ema-decay", "2", *OUT], "TrainConfig.ema_decay must be in [0, 1]"),
