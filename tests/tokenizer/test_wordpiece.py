@@ -53,6 +53,16 @@ def test_ids_equal_bert_tokenizer(trained, text):
     assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
 
 
+def test_bert_tokenizer_fast_reads_the_same_vocabulary(trained, tmp_path):
+    ours, _ = trained
+    fast = transformers.BertTokenizerFast.from_pretrained(str(ours.save(tmp_path).parent))
+    text = " ".join(VARIED)
+    assert ours.encode(text) == fast.encode(text, add_special_tokens=False)
+    assert ours.decode(ours.encode("Hello, world!")) == fast.decode(
+        fast.encode("Hello, world!", add_special_tokens=False)
+    )
+
+
 def test_pairs_equal_bert_tokenizer_with_segment_ids(trained):
     ours, hf = trained
     first, second = "The quick brown fox.", "Jumps over the lazy dog!"
