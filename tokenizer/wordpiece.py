@@ -37,6 +37,9 @@ FILE_NAME = "vocab.txt"
 PREFIX = "##"  # marks a piece that continues a word
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the order we give them ids
 MAX_WORD_CHARS = 100  # longer words are [UNK], as in BERT
+# What Hugging Face's WordPiece decoder (`cleanup=True`) replaces, in its order.
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+            (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 
 # CJK Unified Ideographs and their extensions/compatibility blocks (BERT's _is_chinese_char).
 _CJK = (
@@ -172,9 +175,11 @@ class WordPieceTokenizer:
         b = [] if second is None else [*self.encode(second), self.sep_id]
         return a + b, [0] * len(a) + [1] * len(b)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], clean_up: bool = True) -> str:
         """Pieces joined by spaces, `##` continuations glued to their word (lower-cased, without
-        accents: WordPiece does not keep the original text)."""
+        accents: WordPiece does not keep the original text). `clean_up` removes the space before
+        punctuation and contractions as Hugging Face's WordPiece decoder does ("world !" ->
+        "world!", "don 't" stays)."""
         tokens = []
         for i in ids:
             if not 0 <= i < len(self.vocab):
@@ -182,7 +187,11 @@ class WordPieceTokenizer:
                     f"token id {i} is outside the vocabulary (0..{len(self.vocab) - 1})"
                 )
             tokens.append(self.vocab[i])
-        return " ".join(tokens).replace(" " + PREFIX, "").strip()
+        text = " ".join(tokens).replace(" " + PREFIX, "").strip()
+        if clean_up:
+            for spaced, joined in CLEAN_UP:
+                text = text.replace(spaced, joined)
+        return text
 
     # --- files -------------------------------------------------------------------------------------
 
