@@ -407,10 +407,13 @@ def beam_search(
     (sentence b, beam k) -> row b·K + k, with cached decoder keys/values reordered after each step.
     At each step the 2K best extensions are considered (so that K live ones remain even if K end
     here); an extension that ends with EOS among the best K becomes a finished hypothesis scored
-    log P / lp(length incl. EOS). A sentence is done when it has K finished hypotheses and its
-    best live hypothesis, scored at the current length, does not beat the worst of them; or at its
-    maximum length (input length + `max_extra`), where live hypotheses are finished as they are.
-    With beam_size 1 this is exactly greedy decoding.
+    log P / lp(length incl. EOS). A sentence is done when it has K finished hypotheses and no live
+    one can still beat the worst of them, or at its maximum length (input length + `max_extra`),
+    where live hypotheses are finished as they are. The bound on a live hypothesis is
+    tensor2tensor's: its log P can only fall, and lp grows with length, so the best it can still
+    score is log P / lp(maximum length). (Scoring it at its current length instead, as the search
+    once did, can stop while a live hypothesis would still overtake the finished ones.) With
+    beam_size 1 and α = 0 this is exactly greedy decoding.
     """
     if beam_size < 1:
         raise ValueError(f"beam size must be at least 1, got {beam_size}")
@@ -458,9 +461,9 @@ def beam_search(
                     hypothesis = prefix if ends else prefix + [int(cand_token[b, j])]
                     finished[b].append((score / length_penalty(length, alpha), hypothesis))
             finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
-            # Done once K hypotheses ended and the best live one, scored at its current length,
-            # cannot beat the worst of them (a few improbable early EOS must not end the search).
-            best_alive = float(scores[b, 0]) / length_penalty(length, alpha)
+            # Done once K hypotheses ended and the best live one cannot beat the worst of them even
+            # at the longest length it may reach, where lp is largest (log P <= 0 only falls).
+            best_alive = float(scores[b, 0]) / length_penalty(limits[b], alpha)
             if at_limit or (len(finished[b]) >= K and best_alive <= finished[b][-1][0]):
                 done[b] = True
         if all(done):

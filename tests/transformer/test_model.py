@@ -251,13 +251,74 @@ def test_static_cross_attention_cache_projects_once():
     torch.testing.assert_close(first, attn(x, context))
 
 
-def test_beam_one_equals_greedy():
+def test_beam_one_without_length_penalty_equals_greedy():
     for seed in range(3):
         model = _trained_ish_model(seed)
         source, _ = _batch(TINY, batch=5, src_len=6, seed=seed)
         greedy = greedy_decode(model, source, bos_id=1, eos_id=2, max_extra=10)
-        beam = beam_search(model, source, bos_id=1, eos_id=2, beam_size=1, max_extra=10)
+        beam = beam_search(model, source, bos_id=1, eos_id=2, beam_size=1, alpha=0.0, max_extra=10)
         assert beam == greedy
+
+
+class _ScriptedDecoder:
+    """A stand-in for the Transformer whose next-token probabilities depend only on the tokens
+    decoded so far (after BOS), from a table: enough to construct a search by hand."""
+
+    def __init__(self, table, vocab=5, eos=2):
+        self.table, self.vocab, self.eos = table, vocab, eos
+        self.config = TINY
+
+    def source_mask(self, source):
+        return source != 0
+
+    def encode(self, source, mask):
+        return source.float()
+
+    def new_state(self, rows, max_len, memory):
+        decoder = self
+
+        class State:
+            history = [() for _ in range(rows)]
+
+            def reorder(self, index):
+                self.history = [self.history[i] for i in index.tolist()]
+
+        decoder.state = State()
+        return decoder.state
+
+    def decode(self, tokens, memory, mask, state):
+        rows = []
+        for r, token in enumerate(tokens[:, -1].tolist()):
+            if token != 1:  # BOS starts every row; later tokens extend its history
+                state.history[r] = state.history[r] + (token,)
+            probs = self.table(state.history[r])
+            rows.append([math.log(max(p, 1e-12)) for p in probs])
+        return torch.tensor(rows)[:, None, :]
+
+
+def test_beam_search_does_not_stop_while_a_live_hypothesis_can_still_win():
+    """After BOS: EOS has p = 0.5 (score log 0.5 / lp(1) = -0.69), token 3 has 0.45. After 3, token
+    4 follows with p 0.999 until the sequence has 9 tokens, then EOS. That hypothesis scores
+    about -0.81 / lp(10) = -0.47 with α = 0.6: better, though at step 1 its raw score (-0.80)
+    was below the finished one. Scoring the live hypothesis at its current length stops at
+    step 1 and returns the empty translation; the bound at the maximum length keeps searching."""
+
+    def table(history):
+        if not history:
+            return [0.0, 0.0, 0.5, 0.45, 0.05]  # pad, bos, eos, 3, 4
+        if len(history) < 9:
+            return [0.0, 0.0, 0.0005, 0.0005, 0.999]
+        return [0.0, 0.0, 0.999, 0.0005, 0.0005]
+
+    decoder = _ScriptedDecoder(table)
+    source = torch.full((1, 10), 5)  # 10 source tokens: up to 60 output tokens
+    for K in (1, 2):
+        best = beam_search(decoder, source, bos_id=1, eos_id=2, beam_size=K, alpha=0.6)
+        assert best == [[3] + [4] * 8], K
+        score = (math.log(0.45) + 8 * math.log(0.999) + math.log(0.999)) / length_penalty(10, 0.6)
+        assert score > math.log(0.5) / length_penalty(1, 0.6)  # the premise: it really wins
+    # Without a length penalty the finished EOS is best and the search may stop at once.
+    assert beam_search(decoder, source, 1, 2, beam_size=1, alpha=0.0) == [[]]
 
 
 def _sequence_log_prob(model, source, hypothesis, eos_id=2, bos_id=1):
