@@ -61,7 +61,9 @@ class TransformerConfig:
         True, "share source, target and output-projection weights (§3.4; needs a joint vocabulary)"
     )
     activation: str = param(
-        "relu", "the feed-forward non-linearity: relu (Eq. 2) or gelu (BERT, GPT; exact erf form)"
+        "relu",
+        "the feed-forward non-linearity: relu (Eq. 2) or gelu (BERT, GPT; exact erf form)",
+        added=True,
     )
     max_len: int = param(1024, "longest sequence the sinusoidal position table covers")
     norm_eps: float = param(1e-5, "LayerNorm epsilon")

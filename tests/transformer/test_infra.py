@@ -1,5 +1,6 @@
 """The shared training infrastructure: exact resume, DDP parity, atomic checkpoints, refusals."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -190,3 +191,17 @@ def test_every_config_field_has_a_meaning_for_help():
     missing = [f"{c.__name__}.{f.name}" for c in configs for f in dataclasses.fields(c)
                if not f.metadata.get("help")]  # fmt: skip
     assert missing == []
+
+
+def test_configs_written_before_a_field_was_added_still_load():
+    """TransformerConfig.activation came later (`param(..., added=True)`): a checkpoint config
+    without it reads as the old behaviour, ReLU; any other missing field is still refused."""
+    from transformer.model import TransformerConfig
+    from transformer.training import ConfigError, config_from_dict
+
+    old = dataclasses.asdict(TransformerConfig(d_model=64, n_heads=4))
+    del old["activation"]
+    assert config_from_dict(TransformerConfig, old, "old.json").activation == "relu"
+    del old["d_model"]
+    with pytest.raises(ConfigError, match="missing d_model"):
+        config_from_dict(TransformerConfig, old, "old.json")

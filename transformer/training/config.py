@@ -30,10 +30,15 @@ import typing
 from .errors import UserError
 
 
-def param(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+def param(
+    default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING, added=False
+):
     """A config field with its one-line meaning, which `--help` shows beside the flag:
-    `steps: int = param(1000, "optimizer steps")`; `factory=` for a list default."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+    `steps: int = param(1000, "optimizer steps")`; `factory=` for a list default. `added=True`
+    marks a field added after checkpoints were written without it: reading such a checkpoint's
+    config gives it its default, which must be the behaviour from before the field existed."""
+    metadata = {"help": help, "added": added}
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
 class ConfigError(UserError, ValueError):
@@ -127,11 +132,13 @@ def check_config(
 
 def config_from_dict(cls, data, where: str):
     """`cls(**data)` for a config read from JSON (`where` names the file and key), refusing
-    anything but an object with exactly the config's fields, before the fields are checked."""
+    anything but an object with exactly the config's fields (those marked `added` may be
+    absent), before the fields are checked."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a JSON object of {cls.__name__} fields, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown, missing = sorted(set(data) - names), sorted(names - set(data))
+    added_later = {f.name for f in dataclasses.fields(cls) if f.metadata.get("added")}
+    unknown, missing = sorted(set(data) - names), sorted(names - set(data) - added_later)
     if unknown or missing:
         parts = [f"unknown {', '.join(unknown)}"] * bool(unknown)
         parts += [f"missing {', '.join(missing)}"] * bool(missing)
