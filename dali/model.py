@@ -13,7 +13,12 @@ Komodakis 2016) with group normalisation (Wu & He 2018) in place of weight norma
   upsampling and a convolution;
 - single-head self-attention at the resolutions in `attention_resolutions` (the paper: 16×16),
   computed by the shared `transformer.attention.MultiHeadAttention` over the H·W positions;
-- dropout 0.1 inside each residual block.
+- dropout 0.1 inside each residual block;
+- the initialisation of the authors' code (`init="ddpm"`, the default): fan-average uniform
+  variance scaling and zero biases everywhere, and zero for the last convolution of every
+  residual block, the attention output projection and the final convolution, so that each
+  residual branch starts as the identity and ε̂ = 0 at the start (`init="torch"` keeps PyTorch's
+  defaults instead).
 
 The paper's CIFAR-10 model (`dali.train.PRESETS["cifar10"].unet`) has 35.7M parameters.
 """
@@ -46,6 +51,13 @@ class UNetConfig:
     attention_heads: int = param(1, "Heads of each self-attention layer (paper: 1).")
     dropout: float = param(0.1, "Dropout inside the residual blocks (paper: 0.1 on CIFAR-10).")
     norm_groups: int = param(32, "Groups of every GroupNorm (paper: 32).")
+    init: str = param(
+        "ddpm",
+        "Initialisation: ddpm = Ho et al.'s code (fan-average uniform variance scaling, zero biases, "
+        "and zero for each residual block's last convolution, the attention output and the final "
+        "convolution, so that the network starts at ε̂ = 0); torch = PyTorch's layer defaults.",
+        added=True,
+    )
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -64,6 +76,8 @@ class UNetConfig:
                 f"UNetConfig.image_size {self.image_size} cannot be halved {levels - 1} times "
                 f"(channel_mult has {levels} levels)"
             )
+        if self.init not in ("ddpm", "torch"):
+            raise ConfigError(f"UNetConfig.init must be ddpm or torch, got {self.init!r}")
         for width in sorted({self.channels * m for m in self.channel_mult}):
             if width % self.norm_groups:
                 raise ConfigError(
@@ -90,6 +104,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     )
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def ddpm_init(module: nn.Module) -> None:
+    """Ho et al.'s `default_init`: variance scaling with scale 1, mode fan_avg, uniform
+    distribution (= Glorot/Xavier uniform; for a convolution the fans count the kernel's
+    positions), and zero biases. `UNet` then zeroes the layers that end each residual branch."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class ResBlock(nn.Module):
@@ -219,6 +243,16 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(groups, width)
         self.conv_out = nn.Conv2d(width, c.in_channels, 3, padding=1)
+        if c.init == "ddpm":
+            self.apply(ddpm_init)
+            last_layers = [self.conv_out.weight]
+            for module in self.modules():
+                if isinstance(module, ResBlock):
+                    last_layers.append(module.conv2.weight)
+                elif isinstance(module, AttentionBlock):
+                    last_layers.append(module.attention.wo.weight)
+            for weight in last_layers:
+                nn.init.zeros_(weight)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.config.channels))

@@ -111,6 +111,7 @@ FLAGS = [
     # dali.train
     (dali_train, ["--attention-heads", "3", *OUT], "do not split into attention_heads 3"),
     (dali_train, ["--ema-decay", "2", *OUT], "TrainConfig.ema_decay must be in [0, 1]"),
+    (dali_train, ["--init", "xavier", *OUT], "UNetConfig.init must be ddpm or torch"),
     (dali_train, ["--steps", "-1", *OUT], "TrainConfig.steps must be > 0"),
     (dali_train, ["--dropout", "1.5", *OUT], "UNetConfig.dropout must be in [0, 1)"),
     (dali_train, ["--beta-end", "2", *OUT], "beta_end < 1"),

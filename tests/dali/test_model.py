@@ -1,5 +1,7 @@
 """The U-Net: shapes for every config, the paper's parameter count, the time embedding, training."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -92,8 +94,8 @@ def test_generate_is_reproducible_for_a_seed_and_uses_the_ema():
 
 
 def test_generate_ddim_clipping_is_a_choice_and_images_stay_in_range():
-    torch.manual_seed(0)
-    ddpm = DDPM(TINY, DiffusionConfig(timesteps=20))
+    torch.manual_seed(0)  # PyTorch's initialisation: a network that predicts noise, badly
+    ddpm = DDPM(replace(TINY, init="torch"), DiffusionConfig(timesteps=20))
     clipped = generate(ddpm, 3, "ddim", 5, seed=4)
     raw = generate(ddpm, 3, "ddim", 5, seed=4, ddim_clip_x0=False)
     unclamped = ddpm.diffusion.sample_ddim(
@@ -102,3 +104,46 @@ def test_generate_ddim_clipping_is_a_choice_and_images_stay_in_range():
     assert not torch.equal(clipped, raw)
     assert unclamped.abs().max() > 1  # an untrained network overshoots ...
     torch.testing.assert_close(raw, unclamped.clamp(-1, 1))  # ... and images are clamped
+
+
+def test_ddpm_initialisation_starts_at_zero_noise_prediction():
+    """Ho et al.'s code zeroes the last layer of every residual branch and the output layer:
+    ε̂ = 0 at initialisation, where PyTorch's defaults give mean |ε̂| well above 0."""
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        assert UNet(TINY).eval()(x, t).abs().max() == 0
+        assert UNet(replace(TINY, init="torch")).eval()(x, t).abs().mean() > 0.05
+
+
+def test_ddpm_initialisation_is_fan_average_uniform_with_zero_biases():
+    """variance_scaling(scale 1, fan_avg, uniform): U(-a, a) with a = sqrt(6 / (fan_in + fan_out)),
+    fans counting kernel positions; variance a² / 3. Checked on every non-zeroed conv/linear."""
+    from dali.model import AttentionBlock, ResBlock
+
+    torch.manual_seed(0)
+    model = UNet(replace(TINY, channels=32, norm_groups=8))
+    zeroed = {id(model.conv_out.weight)}
+    for m in model.modules():
+        if isinstance(m, ResBlock):
+            zeroed.add(id(m.conv2.weight))
+        if isinstance(m, AttentionBlock):
+            zeroed.add(id(m.attention.wo.weight))
+    checked = 0
+    for m in model.modules():
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        w = m.weight
+        if m.bias is not None:
+            assert m.bias.abs().max() == 0
+        if id(w) in zeroed:
+            assert w.abs().max() == 0
+            continue
+        receptive = w[0, 0].numel() if w.dim() == 4 else 1
+        fan_in, fan_out = w.size(1) * receptive, w.size(0) * receptive
+        a = (6 / (fan_in + fan_out)) ** 0.5
+        assert w.abs().max() <= a
+        if w.numel() >= 2000:
+            assert abs(w.var().item() / (a * a / 3) - 1) < 0.15
+            checked += 1
+    assert checked >= 5 and len(zeroed) >= 6
