@@ -101,6 +101,12 @@ class PPOConfig:
     )
     ptx_len: int = param(48, "tokens per pretraining sequence")
     max_new_tokens: int = param(32, "longest response sampled")
+    missing_eos_penalty: float = param(
+        0.0,
+        "subtracted from the reward-model score of a response cut at max-new-tokens before its EOS "
+        "(TRL's missing_eos_penalty); 0 scores such a response as it is",
+        added=True,
+    )
     value_init: Literal["reward", "policy"] = param(
         "reward",
         'initialise the value model from the reward model ("reward", as InstructGPT) or from the policy with a zero head ("policy")',
@@ -112,7 +118,7 @@ class PPOConfig:
             positive=("iterations", "rollout_batch", "minibatch", "ppo_epochs", "lr", "beta",
                       "kl_target", "kl_horizon", "clip", "value_clip", "ptx_batch", "ptx_len",
                       "max_new_tokens"),
-            non_negative=("value_coef", "ptx_coef"),
+            non_negative=("value_coef", "ptx_coef", "missing_eos_penalty"),
             probability=("gamma", "lam"),
         )  # fmt: skip
 
@@ -131,6 +137,8 @@ class Rollout:
     kl: Tensor
     """(batch,) summed per-token log(π/π_SFT) of each response"""
     responses: list[list[int]]
+    truncated: Tensor
+    """(batch,) 1 where the response was cut at max_new_tokens before its EOS"""
 
     def rows(self, index: Tensor) -> dict:
         return {
@@ -188,6 +196,10 @@ def make_rollout(
     ref_logprobs, _ = sequence_logprobs(reference, tokens, attention, response_mask)
     old_values = value_model(tokens, attention)[:, :-1] * mask
     score = reward_model.score(tokens, attention)
+    # The reward model only ever saw responses that end with EOS; one cut short is scored as it
+    # is, less `missing_eos_penalty` (TRL's rule).
+    truncated = torch.tensor([not r or r[-1] != eos_id for r in responses], device=device)
+    score = score - config.missing_eos_penalty * truncated.float()
     rewards, kl = kl_penalised_rewards(score, old_logprobs, ref_logprobs, mask, beta)
     advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
     if config.whiten_advantages:
@@ -195,7 +207,7 @@ def make_rollout(
     policy.train()
     return Rollout(
         tokens, attention, mask, old_logprobs, old_values, advantages, returns, score,
-        kl.sum(1), responses,
+        kl.sum(1), responses, truncated.float(),
     )  # fmt: skip
 
 
@@ -360,6 +372,7 @@ def train_ppo(
             "beta": beta,
             "reward": dist.all_reduce_mean((rollout.score - beta * rollout.kl).mean()).item(),
             "response_length": dist.all_reduce_mean(rollout.mask.sum(1).float().mean()).item(),
+            "truncated": dist.all_reduce_mean(rollout.truncated.mean()).item(),
             # the update's statistics, averaged over processes like the rest (float64: exact)
             **{k: dist.all_reduce_mean(torch.tensor(v, dtype=torch.float64)).item()
                for k, v in stats.items()},

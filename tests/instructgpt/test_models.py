@@ -124,3 +124,24 @@ def test_one_ppo_iteration_moves_probability_toward_the_rewarded_arm():
     # see the moved policy, so the averages are strictly positive, and with lr 1e-2 over 4 epochs
     # some ratios leave [0.8, 1.2].
     assert 0 < stats["clip_fraction"] < 1 and stats["approx_kl"] > 0
+
+
+def test_responses_cut_before_eos_lose_the_missing_eos_penalty():
+    """max_new_tokens 1 with EOS = token 3: a response that is just EOS ended; any other was cut.
+    Rewards are the constant 0.5, so the score is 0.5 minus the penalty exactly on the cut ones."""
+
+    class Constant(torch.nn.Module):
+        def score(self, tokens, attention_mask):
+            return torch.full((tokens.size(0),), 0.5)
+
+    torch.manual_seed(0)
+    policy = _llama(vocab=4).eval()
+    value = RewardModel(policy.config)
+    for penalty in (0.0, 2.0):
+        config = PPOConfig(rollout_batch=64, max_new_tokens=1, missing_eos_penalty=penalty)
+        g = torch.Generator().manual_seed(1)
+        rollout = make_rollout(policy, policy, Constant(), value, [[0]] * 64, 3, config, 0.05, g)
+        cut = torch.tensor([r != [3] for r in rollout.responses], dtype=torch.float)
+        assert 0 < cut.mean() < 1  # both kinds were sampled
+        torch.testing.assert_close(rollout.truncated, cut)
+        torch.testing.assert_close(rollout.score, 0.5 - penalty * cut)

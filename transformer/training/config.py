@@ -30,9 +30,7 @@ import typing
 from .errors import UserError
 
 
-def param(
-    default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING, added=False
-):
+def param(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING, added=False):
     """A config field with its one-line meaning, which `--help` shows beside the flag:
     `steps: int = param(1000, "optimizer steps")`; `factory=` for a list default. `added=True`
     marks a field added after checkpoints were written without it: reading such a checkpoint's
