@@ -379,7 +379,7 @@ def linear_schedule(step: int, config: TrainConfig) -> float:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def start_model(args, model_cfg: BertConfig, train_cfg: TrainConfig):
+def start_model(args, model_cfg: BertConfig):
     """(BertConfig, checkpoint to start from or None) for --init-from."""
     if args.init_from is None:
         return model_cfg, None
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
         raise BertTrainError("--text is for --task mlm; pairs read --src and --tgt")
     if args.task == "pairs" and (args.src is None or args.tgt is None):
         raise BertTrainError("--task pairs needs --src and --tgt")
-    model_cfg, init_checkpoint = start_model(args, model_cfg, train_cfg)
+    model_cfg, init_checkpoint = start_model(args, model_cfg)
     if init_checkpoint is not None and args.seq_len is None:  # as long as the model allows
         train_cfg = replace(train_cfg, seq_len=min(train_cfg.seq_len, model_cfg.max_len))
     if train_cfg.seq_len > model_cfg.max_len:
