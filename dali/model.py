@@ -51,6 +51,13 @@ class UNetConfig:
     attention_heads: int = param(1, "Heads of each self-attention layer (paper: 1).")
     dropout: float = param(0.1, "Dropout inside the residual blocks (paper: 0.1 on CIFAR-10).")
     norm_groups: int = param(32, "Groups of every GroupNorm (paper: 32).")
+    num_classes: int = param(
+        0,
+        "Class-conditional U-Net with this many classes (Ho & Salimans 2022): a label embedding "
+        "added to the time embedding, plus one null label for the unconditional model; 0 = "
+        "unconditional.",
+        added=True,
+    )
     init: str = param(
         "ddpm",
         "Initialisation: ddpm = Ho et al.'s code (fan-average uniform variance scaling, zero biases, "
@@ -66,6 +73,7 @@ class UNetConfig:
             self,
             positive=("image_size", "in_channels", "channels", "channel_mult", "num_res_blocks",
                       "attention_resolutions", "attention_heads", "norm_groups"),
+            non_negative=("num_classes",),
             below_one=("dropout",),
         )  # fmt: skip
         levels = len(self.channel_mult)
@@ -188,7 +196,7 @@ class Level(nn.Module):
 
 class UNet(nn.Module):
     """ε_θ(x_t, t): maps a batch of noisy images (B, C, H, W) and integer timesteps (B,) to a
-    tensor of the same shape as the images."""
+    tensor of the same shape as the images; with `num_classes`, ε_θ(x_t, t, c) for labels c."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -197,6 +205,8 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
         )
+        # Classifier-free guidance: label c (or the null label, index num_classes) joins t.
+        self.label_embedding = nn.Embedding(c.num_classes + 1, time_dim) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         def attention(width: int, resolution: int) -> nn.Module:
@@ -254,8 +264,20 @@ class UNet(nn.Module):
             for weight in last_layers:
                 nn.init.zeros_(weight)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    @property
+    def null_label(self) -> int:
+        """The label of the unconditional model ∅ (Ho & Salimans 2022, §3.2)."""
+        return self.config.num_classes
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """ε̂(x_t, t) or, class-conditional, ε̂(x_t, t, c); labels None means ∅ for every row."""
         temb = self.time_mlp(timestep_embedding(t, self.config.channels))
+        if self.label_embedding is not None:
+            if labels is None:
+                labels = torch.full_like(t, self.null_label, dtype=torch.long)
+            temb = temb + self.label_embedding(labels)
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional U-Net (num_classes = 0)")
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:

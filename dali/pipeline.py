@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,29 +109,49 @@ def generate(
     progress: bool = False,
     use_ema: bool = True,
     ddim_clip_x0: bool = True,
+    labels: Tensor | None = None,
+    guidance: float = 0.0,
 ) -> Tensor:
     """n images in [-1, 1] from the EMA network, reproducible for `seed` (batches draw from one
     generator in order). `on_step` sees only the first batch. `ddim_clip_x0=False` lets DDIM
     use the raw x̂₀ (Song et al.) instead of clipping it; either way the final images are clamped to the data
-    range [-1, 1], as any image writer would."""
+    range [-1, 1], as any image writer would.
+
+    A class-conditional network samples image i of class `labels[i]` (n labels), with
+    classifier-free guidance of weight w = `guidance` (Ho & Salimans 2022, Eq. 6):
+    ε̃ = (1 + w) ε(x, c) − w ε(x, ∅), both terms from one batched forward pass; w = 0 is the
+    conditional model alone. The same combination is applied to x̂₀- or v-predictions, which are
+    affine in ε̂ at a given x_t. Without labels a conditional network samples from ε(x, ∅)."""
     device = torch.device(device)
     net = ddpm.ema if use_ema else ddpm.model
     net.eval()
     c = ddpm.unet_config
     diffusion = ddpm.diffusion.to(device)
     check_ddim_steps(diffusion, sampler, steps)
+    check_labels(c, n, labels, guidance)
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    def model(x, t):
-        with autocast(device, dtype):
-            return net(x, t)
+    def guided(batch_labels: Tensor | None):
+        def model(x, t):
+            with autocast(device, dtype):
+                if batch_labels is None or guidance == 0.0:
+                    return net(x, t, batch_labels)
+                null = torch.full_like(batch_labels, net.null_label)
+                both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([batch_labels, null]))
+                conditional, unconditional = both.chunk(2)
+                return (1 + guidance) * conditional - guidance * unconditional
+
+        return model
 
     out = []
     for start in range(0, n, batch_size):
         shape = (min(batch_size, n - start), c.in_channels, c.image_size, c.image_size)
+        batch_labels = None
+        if labels is not None:
+            batch_labels = labels[start : start + shape[0]].to(device)
         out.append(
             diffusion.sample(
-                model,
+                guided(batch_labels),
                 shape,
                 sampler,
                 steps,
@@ -143,6 +164,21 @@ def generate(
             ).cpu()
         )
     return torch.cat(out).clamp(-1.0, 1.0)
+
+
+def check_labels(config: UNetConfig, n: int, labels: Tensor | None, guidance: float) -> None:
+    """Labels and guidance that the network can use, said in the commands' terms."""
+    if labels is not None:
+        if not config.num_classes:
+            raise DaliError("--class needs a class-conditional model (trained with --num-classes)")
+        if labels.shape != (n,):
+            raise DaliError(f"{n} samples need {n} labels, got shape {tuple(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= config.num_classes:
+            raise DaliError(f"class labels must be in 0..{config.num_classes - 1}")
+    if guidance != 0.0 and labels is None:
+        raise DaliError("--guidance needs --class: guidance steers towards a class")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise DaliError(f"--guidance must be a finite number >= 0, got {guidance}")
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser, sampler: str, steps: int) -> None:

@@ -3,6 +3,12 @@
     python -m dali.sample --checkpoint runs/digits --out grid.png
     python -m dali.sample --checkpoint runs/digits --sampler ddim --steps 50 --eta 0 --out grid.png
     python -m dali.sample --checkpoint runs/mnist --n 8 --chain chain.png --chain-every 100 --out g.png
+    python -m dali.sample --checkpoint runs/digits-cfg --class all --guidance 1 --out grid.png
+
+A class-conditional model (trained with `--num-classes`) samples the classes given by `--class`
+(one label for every sample, or `all`: the classes in turn, one row of the grid each) with
+classifier-free guidance of weight `--guidance` w (Ho & Salimans 2022; 0 = the conditional model
+alone); without `--class` it samples unconditionally.
 
 `--chain` writes the predictions x̂₀ made along the way, one row per sample and one column every
 `--chain-every` steps, ending with the sample itself (the paper's Figure 6: large-scale features
@@ -22,6 +28,7 @@ import torch
 from transformer.training import (
     CommandParser,
     add_common_arguments,
+    float_in,
     positive_int,
     run_command,
     select_device,
@@ -49,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=256,
         help="samples generated at once (default: 256)",
+    )
+    parser.add_argument(
+        "--class",
+        dest="label",
+        default=None,
+        help="class-conditional models: the class of every sample, or 'all' for each class in "
+        "turn (default: unconditional)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float_in(0.0),
+        default=0.0,
+        help="classifier-free guidance weight w: ε̃ = (1 + w) ε(x, c) − w ε(x, ∅) (default: 0)",
     )
     parser.add_argument("--save-npz", type=Path, default=None, help="also save the raw samples")
     parser.add_argument("--chain", type=Path, default=None, help="write the x̂₀ chain strip PNG")
@@ -83,6 +103,7 @@ def main(argv=None) -> int:
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
     ddpm, _ = load_ddpm(args.checkpoint, device)
+    labels = requested_labels(args.label, args.n, ddpm.unet_config.num_classes)
     T = ddpm.diffusion.timesteps
     every = args.chain_every or max(1, T // 10)
     chain: list[torch.Tensor] = []
@@ -105,11 +126,14 @@ def main(argv=None) -> int:
         on_step=record if args.chain else None,
         progress=True,
         ddim_clip_x0=args.ddim_clip_x0,
+        labels=labels,
+        guidance=args.guidance,
     )
     seconds = time.perf_counter() - started
     out = args.out if args.out.suffix.lower() == ".png" else args.out / "grid.png"
     scale = args.scale or max(1, 64 // ddpm.unet_config.image_size)
-    save_grid(samples, out, scale=scale)
+    per_class = max(1, args.n // max(1, ddpm.unet_config.num_classes))
+    save_grid(samples, out, scale=scale, **({"nrow": per_class} if args.label == "all" else {}))
     steps = T if args.sampler == "ancestral" else args.steps
     print(
         f"{args.n} samples ({args.sampler}, {steps} steps, seed {args.seed}) in {seconds:.1f}s -> {out}"
@@ -123,6 +147,22 @@ def main(argv=None) -> int:
         np.savez_compressed(args.save_npz, images=to_uint8(samples), samples=samples.numpy())
         print(f"raw samples -> {args.save_npz}")
     return 0
+
+
+def requested_labels(label: str | None, n: int, num_classes: int) -> torch.Tensor | None:
+    """--class as one label per sample: None, every sample of one class, or ('all') the classes in
+    turn, n // num_classes consecutive samples each (one row of the grid per class)."""
+    if label is None:
+        return None
+    if not num_classes:
+        raise DaliError("--class needs a class-conditional model (trained with --num-classes)")
+    if label == "all":
+        return torch.arange(n) // max(1, n // num_classes) % num_classes
+    try:
+        value = int(label)
+    except ValueError:
+        raise DaliError(f"--class must be a class number or 'all', got {label!r}") from None
+    return torch.full((n,), value)
 
 
 def cli() -> None:

@@ -78,6 +78,12 @@ class TrainConfig:
         "ddim", "Sampler for the final quality numbers: ancestral (1000 steps) or ddim."
     )
     eval_steps: int = param(100, "DDIM steps for the final quality numbers.")
+    p_uncond: float = param(
+        0.1,
+        "Class-conditional models: probability of training on the null label instead of the "
+        "image's, so one network is both ε(x, c) and ε(x, ∅) (Ho & Salimans 2022: 0.1 or 0.2).",
+        added=True,
+    )
 
     def __post_init__(self):
         check_config(
@@ -85,7 +91,7 @@ class TrainConfig:
             positive=("steps", "batch_size", "lr", "log_every", "eval_steps"),
             non_negative=("warmup_steps", "grad_clip", "sample_every", "checkpoint_every",
                           "eval_samples"),
-            probability=("ema_decay",),
+            probability=("ema_decay", "p_uncond"),
         )  # fmt: skip
 
 
@@ -215,11 +221,14 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def batch_indices(
     seed: int, step: int, n: int, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global batch of `step`: image indices and flip decisions, a pure function of (seed,
-    step), so resume and every process agree without any stored data position."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch of `step`: image indices, flip decisions and uniform draws for dropping
+    labels, a pure function of (seed, step), so resume and every process agree without any
+    stored data position."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(n, (batch_size,), generator=g), torch.rand(batch_size, generator=g) < 0.5
+    index = torch.randint(n, (batch_size,), generator=g)
+    flip = torch.rand(batch_size, generator=g) < 0.5
+    return index, flip, torch.rand(batch_size, generator=g)
 
 
 def main(argv=None) -> int:
@@ -236,6 +245,14 @@ def main(argv=None) -> int:
         raise DaliError("--out DIR is required: the run directory to write into")
 
     data = load_images(args.data, unet_config.image_size, unet_config.in_channels)
+    if unet_config.num_classes:
+        if data.labels is None:
+            raise DaliError(f"--num-classes needs labelled data; {data.name} has no labels")
+        if int(data.labels.max()) >= unet_config.num_classes or int(data.labels.min()) < 0:
+            raise DaliError(
+                f"{data.name} has labels 0..{int(data.labels.max())}, more than --num-classes "
+                f"{unet_config.num_classes}"
+            )
     dist, device = setup_distributed(args.device)
     if train_config.batch_size % dist.world_size:
         raise DaliError(
@@ -279,16 +296,21 @@ def main(argv=None) -> int:
 
     for step in run.steps(train_config.steps):
         ddpm.model.train()
-        index, flip = batch_indices(args.seed, step, len(images), train_config.batch_size)
+        index, flip, draw = batch_indices(args.seed, step, len(images), train_config.batch_size)
         rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         x0 = images[index[rows]].to(device)
+        labels = None
+        if unet_config.num_classes:  # classifier-free guidance: drop the label with p_uncond
+            labels = data.labels[index[rows]]
+            labels = labels.masked_fill(draw[rows] < train_config.p_uncond, unet_config.num_classes)
+            labels = labels.to(device)
         if train_config.hflip:
             x0 = torch.where(flip[rows, None, None, None].to(device), x0.flip(-1), x0)
         lr = lr_at(step, train_config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, dtype):
-            loss = diffusion.training_loss(net, x0)
+            loss = diffusion.training_loss(lambda x, t, c=labels: net(x, t, c), x0)
         run.check_finite(step, loss=loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -112,6 +112,8 @@ FLAGS = [
     (dali_train, ["--attention-heads", "3", *OUT], "do not split into attention_heads 3"),
     (dali_train, ["--ema-decay", "2", *OUT], "TrainConfig.ema_decay must be in [0, 1]"),
     (dali_train, ["--init", "xavier", *OUT], "UNetConfig.init must be ddpm or torch"),
+    (dali_train, ["--p-uncond", "1.5", *OUT], "TrainConfig.p_uncond must be in [0, 1]"),
+    (dali_train, ["--num-classes", "-1", *OUT], "UNetConfig.num_classes must be >= 0"),
     (dali_train, ["--steps", "-1", *OUT], "TrainConfig.steps must be > 0"),
     (dali_train, ["--dropout", "1.5", *OUT], "UNetConfig.dropout must be in [0, 1)"),
     (dali_train, ["--beta-end", "2", *OUT], "beta_end < 1"),
