@@ -68,7 +68,10 @@ def _records(path: Path):
     from tokenizer.data import read_text_file  # one line naming the file if missing, binary, empty
 
     path = Path(path)
-    for number, line in enumerate(read_text_file(path).splitlines(), 1):
+    # JSON Lines ends records at "\n" only: str.splitlines() would also split inside a string
+    # holding U+2028 or U+0085, which json.dumps(ensure_ascii=False) writes as they are.
+    for number, line in enumerate(read_text_file(path).split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

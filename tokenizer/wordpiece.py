@@ -210,7 +210,12 @@ class WordPieceTokenizer:
         if path.is_dir():
             path = path / FILE_NAME
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            # one token per "\n"-ended line, as BERT reads it (not str.splitlines, which would
+            # also end a line at U+2028 or U+0085)
+            lines = path.read_text(encoding="utf-8").split("\n")
+            lines = [line.removesuffix("\r") for line in lines]
+            if lines and lines[-1] == "":
+                lines.pop()
         except UnicodeDecodeError as exc:
             raise TokenizerFileError(
                 f"{path}: not a UTF-8 vocabulary file ({exc.reason})"

@@ -85,3 +85,21 @@ def test_embedded_task_splits_are_disjoint_and_labeler_prefers_upbeat_fluent_tex
     assert gold.score(prompt, " new") == -2.0  # too short to be a continuation
     ranked = gold.rank(prompt, [" not valid.", " a new object.", " a new useful object."])
     assert ranked == [" a new useful object.", " a new object.", " not valid."]
+
+
+def test_text_with_unicode_line_separators_round_trips(tmp_path):
+    """Generated text can hold U+2028, U+2029 or U+0085, which json.dumps(ensure_ascii=False)
+    writes raw; a JSON Lines record ends at "\\n" only (a pipeline once failed on line 337)."""
+    from instructgpt.data import write_jsonl
+
+    odd = "line\u2028separator, next\x85line, para\u2029graph, \r carriage"
+    records = [
+        {"prompt": "p", "responses": [odd, "plain"]},
+        {"prompt": "q", "responses": ["a", odd]},
+    ]
+    write_jsonl(tmp_path / "r.jsonl", records)
+    data = read_rankings(tmp_path / "r.jsonl")
+    assert [r.responses for r in data] == [[odd, "plain"], ["a", odd]]
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(b'{"prompt": "a", "response": "b"}\r\n{"prompt": "c", "response": "d"}\r\n')
+    assert [d.response for d in read_demonstrations(crlf)] == ["b", "d"]
