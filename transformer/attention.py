@@ -170,25 +170,23 @@ class FlashAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
         for i0, i1 in _tiles(q_len, block_q):
             q_i = q[..., i0:i1, :]
-            m_i = torch.full(
-                q_i.shape[:-1], float("-inf"), dtype=acc, device=q.device
-            )  # line 5: m = -inf
+            m_i = torch.full(q_i.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # m = -inf
             l_i = torch.zeros(q_i.shape[:-1], dtype=acc, device=q.device)  # ℓ = 0
             o_i = torch.zeros(q_i.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)  # Õ = 0
             for j0, j1 in _tiles(_keys_seen(i1, k_len, causal_offset), block_k):
-                s_ij = (q_i @ k[..., j0:j1, :].transpose(-2, -1)).to(acc) * scale  # line 8
+                s_ij = (q_i @ k[..., j0:j1, :].transpose(-2, -1)).to(acc) * scale  # S_ij = Q_i K_jᵀ
                 tile_mask = _tile_mask(mask, i0, i1, j0, j1, causal_offset, q.device)
                 if tile_mask is not None:
                     s_ij = s_ij.masked_fill(~tile_mask, float("-inf"))
-                m_new = torch.maximum(m_i, s_ij.amax(-1))  # line 9: m_i^(j)
+                m_new = torch.maximum(m_i, s_ij.amax(-1))  # m_i^(j)
                 m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with no key yet
                 p_ij = torch.exp(s_ij - m_safe[..., None])  # P̃_i^(j) = exp(S - m_i^(j))
                 rescale = torch.exp(m_i - m_safe)  # exp(m_i^(j-1) - m_i^(j))
                 l_i = rescale * l_i + p_ij.sum(-1)  # ℓ_i^(j)
-                o_i = rescale[..., None] * o_i + p_ij @ v[..., j0:j1, :].to(acc)  # line 10: Õ_i^(j)
+                o_i = rescale[..., None] * o_i + p_ij @ v[..., j0:j1, :].to(acc)  # Õ_i^(j)
                 m_i = m_new
-            out[..., i0:i1, :] = o_i / l_i.clamp_min(1e-30)[..., None]  # line 12: O_i = diag(ℓ)⁻¹Õ
-            lse[..., i0:i1] = m_i + torch.log(l_i)  # line 13: L_i = m_i + log ℓ_i
+            out[..., i0:i1, :] = o_i / l_i.clamp_min(1e-30)[..., None]  # O_i = diag(ℓ)⁻¹Õ
+            lse[..., i0:i1] = m_i + torch.log(l_i)  # L_i = m_i + log ℓ_i
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.block_q, ctx.block_k, ctx.causal_offset = (
             mask,
@@ -207,7 +205,7 @@ class FlashAttention(torch.autograd.Function):
         mask, scale, acc = ctx.mask, q.size(-1) ** -0.5, _accumulator(q.dtype)
         q_len, k_len = q.size(-2), k.size(-2)
         d_out = d_out.to(acc)
-        delta = (d_out * out.to(acc)).sum(-1)  # line 4: D = rowsum(dO ∘ O)
+        delta = (d_out * out.to(acc)).sum(-1)  # D = rowsum(dO ∘ O)
         lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # fully masked rows: P = 0
         d_q = torch.zeros(q.shape, dtype=acc, device=q.device)
         d_k = torch.zeros(k.shape, dtype=acc, device=q.device)
@@ -218,16 +216,19 @@ class FlashAttention(torch.autograd.Function):
                 if _keys_seen(i1, k_len, ctx.causal_offset) <= j0:
                     continue  # the whole tile is above the causal diagonal
                 q_i, do_i = q[..., i0:i1, :].to(acc), d_out[..., i0:i1, :]
-                s_ij = (q_i @ k_j.transpose(-2, -1)) * scale  # line 11: S_ij = Q_i K_jᵀ
+                s_ij = (q_i @ k_j.transpose(-2, -1)) * scale  # S_ij = Q_i K_jᵀ
                 tile_mask = _tile_mask(mask, i0, i1, j0, j1, ctx.causal_offset, q.device)
                 if tile_mask is not None:
                     s_ij = s_ij.masked_fill(~tile_mask, float("-inf"))
-                p_ij = torch.exp(s_ij - lse[..., i0:i1, None])  # line 12: P_ij = exp(S_ij - L_i)
-                d_v[..., j0:j1, :] += (p_ij.transpose(-2, -1) @ do_i).sum(2, keepdim=True)  # 13
-                d_p = do_i @ v_j.transpose(-2, -1)  # line 14: dP_ij = dO_i V_jᵀ
-                d_s = p_ij * (d_p - delta[..., i0:i1, None])  # line 15: dS_ij = P ∘ (dP - D_i)
-                d_q[..., i0:i1, :] += (d_s @ k_j) * scale  # line 16: dQ_i += dS_ij K_j
-                d_k[..., j0:j1, :] += (d_s.transpose(-2, -1) @ q_i).sum(2, keepdim=True) * scale
+                p_ij = torch.exp(s_ij - lse[..., i0:i1, None])  # P_ij = exp(S_ij - L_i)
+                # dV_j += P_ijᵀ dO_i (summed over the query heads that share the key/value head)
+                d_v[..., j0:j1, :] += (p_ij.transpose(-2, -1) @ do_i).sum(2, keepdim=True)
+                d_p = do_i @ v_j.transpose(-2, -1)  # dP_ij = dO_i V_jᵀ
+                d_s = p_ij * (d_p - delta[..., i0:i1, None])  # dS_ij = P ∘ (dP - D_i)
+                d_q[..., i0:i1, :] += (d_s @ k_j) * scale  # dQ_i += dS_ij K_j
+                d_k[..., j0:j1, :] += (d_s.transpose(-2, -1) @ q_i).sum(
+                    2, keepdim=True
+                ) * scale  # dK_j += dS_ijᵀ Q_i
         return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), None, None, None, None
 
 
