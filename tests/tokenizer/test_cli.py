@@ -121,7 +121,7 @@ BAD_TRAIN_INPUTS = [
     (["--input", "{corpus}", "--pattern", "gpt5"], "unknown split pattern name 'gpt5'"),
     (["--input", "{corpus}", "--pattern", "(?<"], "not a valid regex"),
     (["--input", "{corpus}", "--vocab-size", "many"], "invalid int value"),
-    (["--input", "{corpus}", "--backend", "wordpiece"], "invalid choice"),
+    (["--input", "{corpus}", "--backend", "unigram"], "invalid choice"),
     (["--input", "{corpus}", "--backend", "sentencepiece", "--vocab-size", "100"], "sentencepiece"),
     (["--input", "{corpus}", "--held-out", "1.5"], "held-out fraction"),
 ]
