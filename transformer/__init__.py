@@ -1,5 +1,5 @@
-"""Attention Is All You Need (Vaswani et al. 2017): the shared attention core and the
-encoder-decoder Transformer. The training platform every package's trainer uses (checkpoints, run
+"""Attention Is All You Need (Vaswani et al. 2017): the shared attention core (with FlashAttention's
+tiling written out) and the encoder-decoder Transformer; BERT lives in `transformer.bert`. The training platform every package's trainer uses (checkpoints, run
 directories, distributed set-up, config-to-CLI, errors) is its own subpackage, `transformer.training`."""
 
 # First, before torch loads: a command interrupted while starting prints one line (training/errors.py).
@@ -7,12 +7,14 @@ from . import training  # noqa: F401
 
 # isort: split
 from .attention import (
+    KERNELS,
     KVCache,
     MultiHeadAttention,
     StaticKVCache,
     attention_reference,
     causal_mask,
     combine_masks,
+    flash_attention,
     padding_mask,
     scaled_dot_product_attention,
 )
@@ -28,6 +30,7 @@ from .model import (
 )
 
 __all__ = [
+    "KERNELS",
     "KVCache",
     "MultiHeadAttention",
     "StaticKVCache",
@@ -42,6 +45,7 @@ __all__ = [
     "attention_reference",
     "causal_mask",
     "combine_masks",
+    "flash_attention",
     "padding_mask",
     "scaled_dot_product_attention",
 ]
