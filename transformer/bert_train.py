@@ -50,6 +50,7 @@ from .bert import PRESETS as MODEL_PRESETS
 from .data import DataError, read_lines, read_parallel
 from .training import (
     CommandParser,
+    ConfigError,
     TrainingRun,
     UserError,
     add_common_arguments,
@@ -112,13 +113,19 @@ class TrainConfig:
             below_one=("adam_beta1", "adam_beta2"),
         )  # fmt: skip
         if not 0.0 < self.mask_prob < 1.0:
-            raise UserError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+            raise ConfigError(f"TrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
         if not 0.0 < self.valid_fraction < 1.0:
-            raise UserError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+            raise ConfigError(
+                f"TrainConfig.valid_fraction must be in (0, 1), got {self.valid_fraction}"
+            )
         if self.negatives not in ("hard", "random"):
-            raise UserError(f"negatives must be hard or random, got {self.negatives!r}")
+            raise ConfigError(
+                f"TrainConfig.negatives must be hard or random, got {self.negatives!r}"
+            )
         if self.seq_len < 8:
-            raise UserError(f"seq_len {self.seq_len} is too short for [CLS] A [SEP] B [SEP]")
+            raise ConfigError(
+                f"TrainConfig.seq_len {self.seq_len} is too short for [CLS] A [SEP] B [SEP]"
+            )
 
 
 @dataclass(frozen=True)
