@@ -1,5 +1,6 @@
 """Attention Is All You Need (Vaswani et al. 2017): the shared attention core (with FlashAttention's
-tiling written out) and the encoder-decoder Transformer; BERT lives in `transformer.bert`. The training platform every package's trainer uses (checkpoints, run
+tiling written out, and ALiBi's biases) and the encoder-decoder Transformer; BERT lives in
+`transformer.bert`. The training platform every package's trainer uses (checkpoints, run
 directories, distributed set-up, config-to-CLI, errors) is its own subpackage, `transformer.training`."""
 
 # First, before torch loads: a command interrupted while starting prints one line (training/errors.py).
@@ -11,6 +12,8 @@ from .attention import (
     KVCache,
     MultiHeadAttention,
     StaticKVCache,
+    alibi_bias,
+    alibi_slopes,
     attention_reference,
     causal_mask,
     combine_masks,
@@ -42,6 +45,8 @@ __all__ = [
     "learning_rate",
     "length_penalty",
     "sinusoidal_positions",
+    "alibi_bias",
+    "alibi_slopes",
     "attention_reference",
     "causal_mask",
     "combine_masks",

@@ -16,6 +16,10 @@ multi-head (MHA, `n_kv_heads == n_heads`), grouped-query (GQA, Ainslie et al. 20
 `n_heads % n_kv_heads == 0`) and multi-query (MQA, Shazeer 2019, `n_kv_heads == 1`). Query head
 `h` reads key/value head `h // (n_heads // n_kv_heads)`, the grouping Llama uses.
 
+ALiBi (Press et al. 2022) is a property of attention, so it lives here too: `alibi_slopes` gives
+each head its slope m, `alibi_bias` the bias -m·(i - j) that the kernels add to the scores
+(`bias=`) instead of giving the tokens position embeddings.
+
 Shapes: queries (batch, n_heads, T, head_dim); keys and values (batch, n_kv_heads, S, head_dim).
 Masks are boolean and broadcastable to (batch, n_heads, T, S); True means "may attend". A causal
 mask is aligned to the end of the keys: query i sits at absolute position S - T + i, which is what
@@ -52,6 +56,33 @@ def combine_masks(*masks: Tensor | None) -> Tensor | None:
     return combined
 
 
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's head-specific slopes (Press et al. 2022, §3), float32 (n_heads,).
+
+    For n heads, n a power of two, the geometric sequence that starts at 2^(-8/n) with that same
+    ratio: 2^(-8/n), 2^(-16/n), ..., 2^(-8) (n = 8: 1/2, 1/4, ..., 1/256). Otherwise the slopes of
+    the largest power of two p below n, followed by every other slope of 2p, up to n in all (the
+    rule of the paper's code)."""
+    if n_heads < 1:
+        raise ValueError(f"n_heads must be positive, got {n_heads}")
+
+    def geometric(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = geometric(p) + geometric(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """The ALiBi bias (Press et al. 2022, Figure 3): -m_h · (i - j) for query position i and key
+    position j, shape (n_heads, T, S), float32; added to QKᵀ/√d_k before the softmax. Keys after
+    the query (j > i) are for the causal mask to hide."""
+    distance = query_positions[:, None].float() - key_positions[None, :].float()  # i - j
+    return -slopes.float()[:, None, None] * distance
+
+
 def attention_reference(
     q: Tensor,
     k: Tensor,
@@ -59,8 +90,9 @@ def attention_reference(
     mask: Tensor | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """Eq. (1), written out: softmax(QKᵀ / √d_k) V, with masked scores set to -inf.
+    """Eq. (1), written out: softmax(QKᵀ / √d_k + bias) V, with masked scores set to -inf.
 
     Grouped key/value heads are repeated to the query heads here: this path is for reading and for
     checking the fast one, not for speed.
@@ -70,6 +102,8 @@ def attention_reference(
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if bias is not None:  # ALiBi
+        scores = scores + bias.to(scores.dtype)
     if is_causal:
         mask = combine_masks(mask, causal_mask(q.size(-2), k.size(-2), q.device))
     if mask is not None:
@@ -91,36 +125,44 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     kernel: str = "fused",
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Scaled dot-product attention (Eq. 1) through one of `KERNELS` (module docstring).
 
-    In the fused kernel, grouped key/value heads are never repeated in memory. With a mask that is
-    the same for every head (the usual causal / padding masks) the query heads of a group are
-    folded into the sequence axis, so each key/value head is read once for all its query heads;
-    otherwise the kernel's own `enable_gqa` broadcasting is used.
+    `bias`, broadcastable to (batch, n_heads, T, S), is added to the scaled scores (ALiBi's
+    `alibi_bias`); the fused and reference kernels take it.
+
+    In the fused kernel, grouped key/value heads are never repeated in memory: the query heads of a
+    group are folded into the sequence axis (row r·T + t is the group's head r, query t), so each
+    key/value head is read once for all its query heads, and a mask or bias is laid out the same way.
     """
     if kernel == "reference":
-        return attention_reference(q, k, v, mask, is_causal, dropout_p)
+        return attention_reference(q, k, v, mask, is_causal, dropout_p, bias)
     if kernel == "flash":
         if dropout_p > 0.0:
             raise ValueError("the flash kernel has no attention dropout; use kernel='fused'")
+        if bias is not None:
+            raise ValueError("the flash kernel takes no additive bias (ALiBi); use kernel='fused'")
         return flash_attention(q, k, v, mask, is_causal)
     if kernel != "fused":
         raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}")
     q_len, k_len = q.size(-2), k.size(-2)
-    if is_causal and (mask is not None or q_len != k_len):
+    if is_causal and (mask is not None or bias is not None or q_len != k_len):
         # The kernel's is_causal is aligned to the start; ours is aligned to the end.
         mask = combine_masks(mask, causal_mask(q_len, k_len, q.device))
         is_causal = False
+    if bias is not None:  # one float mask: the bias where attending, -inf elsewhere
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
     n_heads, n_kv_heads = q.size(1), k.size(1)
     n_rep = n_heads // n_kv_heads
-    if n_rep > 1 and not is_causal and (mask is None or mask.dim() < 4 or mask.size(1) == 1):
-        # Fold the n_rep query heads of a group into the sequence axis: row r*T + t is head r, query t.
+    if n_rep > 1 and not is_causal:
         batch, _, _, head_dim = q.shape
         q_folded = q.reshape(batch, n_kv_heads, n_rep * q_len, head_dim)
         if mask is not None:
             mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-            mask = mask.expand(mask.size(0), 1, q_len, k_len).repeat(1, 1, n_rep, 1)
+            mask = mask.expand(mask.size(0), n_heads, q_len, k_len)
+            mask = mask.reshape(mask.size(0), n_kv_heads, n_rep * q_len, k_len)
         out = F.scaled_dot_product_attention(q_folded, k, v, attn_mask=mask, dropout_p=dropout_p)
         return out.reshape(batch, n_heads, q_len, head_dim)
     return F.scaled_dot_product_attention(
@@ -347,7 +389,7 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention when `context` is None, cross-attention (encoder-decoder, §3.2.3) when it is the
     encoder output. `rotary`, if given, maps (q, k) -> (q, k) after projection and before caching
-    (rotary position embeddings, Su et al.); `cache`, if given, is a `KVCache`-like object whose
+    (rotary position embeddings, Su et al.); `bias`, if given, is added to the scores (ALiBi); `cache`, if given, is a `KVCache`-like object whose
     `update(k, v)` returns all keys and values to attend to. A filled `StaticKVCache` skips the
     key/value projections altogether (cross-attention during incremental decoding).
     """
@@ -389,6 +431,7 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         cache=None,
         rotary=None,
+        bias: Tensor | None = None,
     ) -> Tensor:
         batch, q_len, _ = x.shape
         source = x if context is None else context
@@ -403,5 +446,5 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)
         dropout_p = self.dropout if self.training else 0.0
-        y = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout_p, self.kernel)
+        y = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout_p, self.kernel, bias)
         return self.wo(y.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim))

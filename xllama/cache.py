@@ -5,7 +5,7 @@
   padding of each row;
 - `attention_inputs`: from the padding mask, the cache and the sliding window, the rotary
   positions of the new tokens and the boolean mask they attend with (or the fused causal kernel
-  when no mask is needed).
+  when no mask is needed), and ALiBi's bias from the slots of the queries and the keys.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from transformer.attention import KVCache
+from transformer.attention import KVCache, alibi_bias
 
 from .errors import XLlamaError
 
@@ -115,12 +115,25 @@ class Cache:
         self.batch = len(index)
 
 
-def attention_inputs(config: LlamaConfig, tokens, attention_mask, positions, cache: Cache | None):
-    """What one forward pass attends with, for `config`'s model: (positions or None, first slot, boolean attention mask or None, is_causal).
+def attention_inputs(
+    config: LlamaConfig, tokens, attention_mask, positions, cache: Cache | None, alibi=None
+):
+    """What one forward pass attends with, for `config`'s model: (positions or None, first slot,
+    boolean attention mask or None, is_causal, ALiBi bias or None).
 
     positions None means every row sits at slots first..first+T-1 (no padding): the rotary
     tables are then sliced rather than gathered. Masks are True where a query may attend.
+    `alibi`: the heads' slopes, for a bias -m·(i - j) between query slot i and key slot j.
     """
+    positions, start, mask, is_causal, query_slots, key_slots = _attention_inputs(
+        config, tokens, attention_mask, positions, cache
+    )
+    bias = None if alibi is None else alibi_bias(alibi, query_slots, key_slots)
+    return positions, start, mask, is_causal, bias
+
+
+def _attention_inputs(config, tokens, attention_mask, positions, cache):
+    """`attention_inputs`, with the query and key slots instead of the bias."""
     T = tokens.size(1)
     device = tokens.device
     window = config.sliding_window
@@ -133,14 +146,14 @@ def attention_inputs(config: LlamaConfig, tokens, attention_mask, positions, cac
     if cache is None:
         if valid is not None and positions is None:
             positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        if valid is None and window is None:
-            return positions, 0, None, True  # the fused causal kernel
         slots = torch.arange(T, device=device)
+        if valid is None and window is None:
+            return positions, 0, None, True, slots, slots  # the fused causal kernel
         mask = slot_mask(slots, slots, window)[None, None]  # (1, 1, T, T)
         if valid is not None:
             diagonal = torch.eye(T, dtype=torch.bool, device=device)
             mask = (mask & valid[:, None, None, :]) | diagonal
-        return positions, 0, mask, False
+        return positions, 0, mask, False, slots, slots
 
     start = cache.length
     if start + T > cache.max_len:
@@ -159,20 +172,20 @@ def attention_inputs(config: LlamaConfig, tokens, attention_mask, positions, cac
         slots = torch.arange(start, start + T, device=device)
         positions = (slots[None] - cache.pad[:, None]).clamp(min=0)
     padded = cache.pad is not None
-    if T == 1 and not padded and (not cache.rolling or start + 1 >= window):
-        return positions, start, None, False  # one token sees every cached key
     query_slots = torch.arange(start, start + T, device=device)
     if cache.rolling:
         key_slots = cache.layers[0].key_slots(T, device)
     else:
         key_slots = torch.arange(start + T, device=device)
+    if T == 1 and not padded and (not cache.rolling or start + 1 >= window):
+        return positions, start, None, False, query_slots, key_slots  # sees every cached key
     mask = slot_mask(query_slots, key_slots, window)[None, None]
     if padded:
         key_valid = cache.key_valid[:, key_slots.clamp(min=0)]
         mask = mask & key_valid[:, None, None, :]
         # Padding queries see themselves only, so their (unused) rows never softmax over nothing.
         mask = mask | (query_slots[:, None] == key_slots[None, :])
-    return positions, start, mask, False
+    return positions, start, mask, False, query_slots, key_slots
 
 
 def slot_mask(query_slots: Tensor, key_slots: Tensor, window: int | None) -> Tensor:

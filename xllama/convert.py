@@ -1,5 +1,6 @@
 """Real checkpoints in and out: Meta's Llama 2 (`params.json` + `consolidated.*.pth`), Hugging Face
-Llama (`config.json` + `*.safetensors`), and our own (`transformer.training.checkpoint` directories).
+Llama, Mistral and Mixtral (`config.json` + `*.safetensors`), and our own
+(`transformer.training.checkpoint` directories).
 
 Nothing here unpickles code: `.pth` shards are read with `torch.load(weights_only=True)`, everything
 else is safetensors or JSON. Names are mapped explicitly; a checkpoint that does not fit the model
@@ -94,22 +95,56 @@ HF_TOP_NAMES = {
 }
 
 
+# Mixtral's sparse feed-forward, as its checkpoints store it (one tensor per expert and matrix).
+HF_MOE_NAMES = {"feed_forward.gate.weight": "block_sparse_moe.gate.weight"} | {
+    f"feed_forward.experts.{{e}}.{w}.weight": f"block_sparse_moe.experts.{{e}}.{w}.weight"
+    for w in ("w1", "w2", "w3")
+}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+
+
 def hf_names(config: LlamaConfig) -> dict[str, str]:
     """{our parameter name: Hugging Face name} for every tensor of the model."""
     names = dict(HF_TOP_NAMES)
     if config.tie_embeddings:
         del names["output.weight"]
+    layer_names = dict(HF_LAYER_NAMES)
+    if config.n_experts is not None:
+        layer_names = {k: v for k, v in layer_names.items() if not k.startswith("feed_forward")}
+        for ours, theirs in HF_MOE_NAMES.items():
+            for e in range(config.n_experts):
+                layer_names[ours.format(e=e)] = theirs.format(e=e)
     for i in range(config.n_layers):
-        for ours, theirs in HF_LAYER_NAMES.items():
+        for ours, theirs in layer_names.items():
             names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
     return names
 
 
+def hf_model_type(config: LlamaConfig) -> str:
+    """The Hugging Face architecture a config exports as: Mixtral with experts, Mistral with a
+    sliding window, Llama otherwise."""
+    if config.position != "rope":
+        raise XLlamaError(
+            "Hugging Face's Llama, Mistral and Mixtral have rotary positions only; "
+            f"a model with position={config.position!r} cannot be exported"
+        )
+    if config.n_experts is not None:
+        return "mixtral"
+    return "llama" if config.sliding_window is None else "mistral"
+
+
 def config_from_hf(hf: dict, rope_pairing: str = "half") -> LlamaConfig:
-    """Our config from a Hugging Face Llama `config.json` (older and newer rope key styles)."""
+    """Our config from a Hugging Face Llama, Mistral or Mixtral `config.json` (older and newer
+    rope key styles)."""
     model_type = hf.get("model_type", "llama")
-    if model_type not in ("llama", "mistral"):
-        raise XLlamaError(f"config.json is for model_type {model_type!r}, not a Llama model")
+    if model_type not in HF_ARCHITECTURES:
+        raise XLlamaError(
+            f"config.json is for model_type {model_type!r}, not one of {', '.join(HF_ARCHITECTURES)}"
+        )
     try:
         dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         rope = dict(hf.get("rope_parameters") or {})
@@ -118,6 +153,7 @@ def config_from_hf(hf: dict, rope_pairing: str = "half") -> LlamaConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear"):
             raise XLlamaError(f"rope scaling {kind!r} is not supported (only linear)")
+        moe = _hf_moe(hf, model_type)
         head_dim = hf.get("head_dim") or dim // n_heads
         if head_dim != dim // n_heads:
             raise XLlamaError(f"head_dim {head_dim} != hidden_size / num_attention_heads")
@@ -136,18 +172,34 @@ def config_from_hf(hf: dict, rope_pairing: str = "half") -> LlamaConfig:
             rope_theta=float(theta),
             rope_pairing=rope_pairing,
             rope_scaling=float(rope.get("factor", 1.0)) if kind == "linear" else 1.0,
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            sliding_window=hf.get("sliding_window") if model_type != "llama" else None,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            **moe,
         )
     except KeyError as exc:
         raise XLlamaError(f"config.json lacks {exc.args[0]!r}") from None
 
 
+def _hf_moe(hf: dict, model_type: str) -> dict:
+    """Our expert fields from a Mixtral config.json (none for Llama and Mistral)."""
+    if model_type != "mixtral":
+        return {}
+    try:
+        return {
+            "n_experts": int(hf["num_local_experts"]),
+            "experts_per_token": int(hf["num_experts_per_tok"]),
+        }
+    except KeyError as exc:
+        raise XLlamaError(f"config.json lacks {exc.args[0]!r}") from None
+
+
 def config_to_hf(config: LlamaConfig) -> dict:
-    """A Hugging Face `LlamaConfig` dict for our config (always rotate-half pairing)."""
+    """A Hugging Face Llama, Mistral or Mixtral config dict for our config (`hf_model_type`;
+    always rotate-half pairing)."""
+    model_type = hf_model_type(config)
     hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [HF_ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "hidden_size": config.dim,
         "intermediate_size": config.hidden_dim,
         "num_hidden_layers": config.n_layers,
@@ -167,8 +219,12 @@ def config_to_hf(config: LlamaConfig) -> dict:
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
-    if config.sliding_window is not None:
-        raise XLlamaError("HF Llama has no sliding window; export a config without one")
+    if model_type != "llama":
+        hf["sliding_window"] = config.sliding_window
+    if model_type == "mixtral":
+        hf["num_local_experts"] = config.n_experts
+        hf["num_experts_per_tok"] = config.experts_per_token
+        hf["router_jitter_noise"] = 0.0
     return hf
 
 
@@ -230,7 +286,8 @@ def _to_dtype(state: dict[str, Tensor], dtype) -> dict[str, Tensor]:
 def load_hf(
     directory: Path, dtype: torch.dtype | None = torch.float32, rope_pairing: str = "half"
 ) -> Llama:
-    """A Hugging Face Llama checkpoint directory -> our model (in `rope_pairing`, default its own)."""
+    """A Hugging Face Llama, Mistral or Mixtral checkpoint directory -> our model (in
+    `rope_pairing`, default its own)."""
     directory = Path(directory)
     path = directory / "config.json"
     if not path.is_file():
@@ -260,7 +317,8 @@ def convert_pairing(model: Llama, to: str) -> Llama:
 
 
 def export_hf(model: Llama, directory: Path) -> Path:
-    """Write `config.json` + `model.safetensors` that `LlamaForCausalLM.from_pretrained` loads."""
+    """Write `config.json` + `model.safetensors` that Hugging Face loads as `LlamaForCausalLM`, or
+    `MistralForCausalLM` (sliding window) or `MixtralForCausalLM` (experts)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise XLlamaError("the model has LoRA adapters: merge them (xllama.merge) before exporting")
     directory = Path(directory)

@@ -10,7 +10,11 @@ A decoder-only Transformer (Vaswani et al. 2017) with the changes Llama made to 
 - no biases anywhere.
 
 Two options from Mistral 7B (Jiang et al. 2023): sliding-window attention, and its rolling-buffer
-KV cache (window W, slot `i % W`).
+KV cache (window W, slot `i % W`). From Mixtral (Jiang et al. 2024): the sparse mixture-of-experts
+feed-forward (`n_experts`, top-`experts_per_token` routing), with the Switch Transformer's
+load-balancing loss (Fedus et al. 2022) and ST-MoE's router z-loss (Zoph et al. 2022). And ALiBi
+(Press et al. 2022) in place of RoPE (`position="alibi"`): no position embeddings, a bias
+-m·(i - j) on the attention scores, which extrapolates to sequences longer than training saw.
 
 Attention itself is the shared `transformer.attention.MultiHeadAttention`; rotary embeddings go in
 through its `rotary` hook and the per-layer KV caches through its `cache` hook.
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.attention import MultiHeadAttention
+from transformer.attention import MultiHeadAttention, alibi_slopes
 from transformer.training import check_config, config_from_dict, param
 
 from .cache import Cache, attention_inputs
@@ -81,6 +85,19 @@ class LlamaConfig:
         None,
         "Mistral sliding-window attention: each token sees the last W positions; None = full causal",
     )
+    position: Literal["rope", "alibi"] = param(
+        "rope",
+        "how tokens know their position: rope (rotary embeddings) or alibi (linear biases on the attention scores, Press et al. 2022)",
+        added=True,
+    )
+    n_experts: int | None = param(
+        None,
+        "Mixtral sparse mixture of experts: SwiGLU experts per feed-forward layer; None = dense",
+        added=True,
+    )
+    experts_per_token: int = param(
+        2, "experts each token is routed to (top-k; Mixtral: 2 of 8)", added=True
+    )
     tie_embeddings: bool = param(
         False, "share the token embedding matrix with the output projection"
     )
@@ -94,7 +111,7 @@ class LlamaConfig:
             self,
             positive=("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                       "ffn_dim_multiplier", "ffn_hidden_dim", "norm_eps", "max_seq_len",
-                      "rope_theta", "rope_scaling", "sliding_window", "init_std"),
+                      "rope_theta", "rope_scaling", "sliding_window", "init_std", "n_experts"),
             below_one=("dropout",),
         )  # fmt: skip
         n_kv = self.kv_heads
@@ -114,6 +131,13 @@ class LlamaConfig:
             raise XLlamaError(f"sliding_window must be positive, not {self.sliding_window}")
         if self.rope_scaling <= 0:
             raise XLlamaError(f"rope_scaling must be positive, not {self.rope_scaling}")
+        if self.position not in ("rope", "alibi"):
+            raise XLlamaError(f"position must be 'rope' or 'alibi', not {self.position!r}")
+        if self.n_experts is not None and not 0 < self.experts_per_token <= self.n_experts:
+            raise XLlamaError(
+                f"experts_per_token ({self.experts_per_token}) must be between 1 and n_experts "
+                f"({self.n_experts})"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -197,6 +221,82 @@ class FeedForward(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# Sparse mixture of experts (Mixtral, Jiang et al. 2024, §2.1)
+# --------------------------------------------------------------------------------------------------
+
+
+class MoEFeedForward(nn.Module):
+    """Mixtral's sparse feed-forward (Eq. 1-2): y = Σ_{i ∈ top-k} softmax(TopK(x · W_g))_i · E_i(x).
+
+    A linear router without bias (`gate`) scores the n experts (SwiGLU FFNs); each token goes to its
+    k best, weighted by the softmax over the k chosen logits (equal to the full softmax renormalised
+    over them, Hugging Face's formulation). Dispatch: the (token, expert) pairs are sorted by
+    expert, so each expert runs once, on one contiguous slice of its tokens; the weighted outputs
+    are added back to their tokens with `index_add_`. No loop over tokens.
+
+    The router logits of the last forward stay in `router_logits` (tokens, n_experts) for the
+    training losses (`router_losses`). Parameter names follow Mistral's reference code
+    (`feed_forward.gate`, `feed_forward.experts.E.w1`).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, dropout=0.0):
+        super().__init__()
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(n_experts))
+        self.top_k, self.dropout = top_k, dropout
+        self.router_logits: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (tokens, dim)
+        logits = self.gate(x)  # (tokens, n_experts)
+        self.router_logits = logits
+        top_logits, chosen = logits.topk(self.top_k, dim=-1)  # (tokens, k)
+        weights = torch.softmax(top_logits.float(), dim=-1).type_as(x)
+        # Group the (token, expert) pairs by expert: expert e's are the e-th slice, counts[e] long.
+        order = chosen.flatten().argsort(stable=True)
+        tokens = order // self.top_k
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        grouped = x[tokens].split(counts)
+        outputs = [expert(xs) for expert, xs in zip(self.experts, grouped) if len(xs)]
+        y = torch.cat(outputs) * weights.flatten()[order, None]
+        out = torch.zeros_like(x).index_add_(0, tokens, y).reshape(shape)
+        return F.dropout(out, self.dropout) if self.training and self.dropout else out
+
+
+def router_losses(model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """(load-balancing loss, router z-loss, expert fractions) of the last forward, averaged over the
+    model's MoE layers.
+
+    Load balancing (Switch Transformer, Fedus et al. 2022, Eq. 4-6, with top-k routing as in
+    Hugging Face's Mixtral): n · Σ_i f_i · P_i, where f_i is the fraction of tokens that have expert
+    i among their k (Σ f = k) and P_i the mean router probability of expert i; k when balanced.
+    Router z-loss (ST-MoE, Zoph et al. 2022, Eq. 5): the mean of (log Σ_j exp x_j)² over tokens.
+    Fractions: f_i / k per expert (sums to 1), detached, for logging.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if not layers or any(m.router_logits is None for m in layers):
+        raise XLlamaError("router_losses needs a forward pass of a mixture-of-experts model")
+    balance, z_loss, fractions = [], [], []
+    for layer in layers:
+        logits = layer.router_logits.float()
+        n_experts = logits.size(-1)
+        chosen = logits.topk(layer.top_k, dim=-1).indices
+        f = torch.zeros(n_experts, device=logits.device).index_add_(
+            0, chosen.flatten(), torch.ones(chosen.numel(), device=logits.device)
+        ) / logits.size(0)
+        p = torch.softmax(logits, dim=-1).mean(0)
+        balance.append(n_experts * (f * p).sum())
+        z_loss.append(torch.logsumexp(logits, dim=-1).square().mean())
+        fractions.append(f / layer.top_k)
+    return (
+        torch.stack(balance).mean(),
+        torch.stack(z_loss).mean(),
+        torch.stack(fractions).mean(0).detach(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Rotary position embeddings (RoFormer, §3.4)
 # --------------------------------------------------------------------------------------------------
 
@@ -257,7 +357,8 @@ class Rotary:
 
 
 class TransformerBlock(nn.Module):
-    """One pre-norm decoder block: h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h))."""
+    """One pre-norm decoder block: h = x + Attention(RMSNorm(x)); out = h + FFN(RMSNorm(h)), the
+    FFN being SwiGLU, or Mixtral's mixture of SwiGLU experts."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -266,12 +367,26 @@ class TransformerBlock(nn.Module):
             config.dim, config.n_heads, config.kv_heads, bias=False, dropout=config.dropout
         )
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
+        if config.n_experts is None:
+            self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
+        else:
+            self.feed_forward = MoEFeedForward(
+                config.dim,
+                config.hidden_dim,
+                config.n_experts,
+                config.experts_per_token,
+                config.dropout,
+            )
         self.dropout = config.dropout
 
-    def forward(self, x, mask=None, is_causal=False, cache=None, rotary=None) -> Tensor:
+    def forward(self, x, mask=None, is_causal=False, cache=None, rotary=None, bias=None) -> Tensor:
         attn = self.attention(
-            self.attention_norm(x), mask=mask, is_causal=is_causal, cache=cache, rotary=rotary
+            self.attention_norm(x),
+            mask=mask,
+            is_causal=is_causal,
+            cache=cache,
+            rotary=rotary,
+            bias=bias,
         )
         if self.training and self.dropout:
             attn = F.dropout(attn, self.dropout)
@@ -301,6 +416,7 @@ class Llama(nn.Module):
         )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads), persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -313,6 +429,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
         self.rope_cos = cos.to(self.tok_embeddings.weight.device)
         self.rope_sin = sin.to(self.tok_embeddings.weight.device)
+        self.alibi_slopes = alibi_slopes(c.n_heads).to(self.tok_embeddings.weight.device)
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count (a tied matrix counted once); without the input embedding if asked."""
@@ -344,26 +461,34 @@ class Llama(nn.Module):
         attention_mask: (batch, T), 1 = real token, 0 = padding (left or right).
         positions: (batch, T) rotary positions; by default each row counts its real tokens.
         cache: a `Cache` from `make_cache`: the tokens continue what it holds.
+
+        With ALiBi the distances i - j are counted in cache slots, which equal token distances
+        between real tokens when padding is on the left or the right only (as `left_pad` does).
         """
         T = tokens.size(1)
         if cache is None and T > self.config.max_seq_len:
             raise XLlamaError(
                 f"sequence of {T} tokens is longer than the context ({self.config.max_seq_len})"
             )
-        positions, start, mask, is_causal = attention_inputs(
-            self.config, tokens, attention_mask, positions, cache
+        alibi = self.alibi_slopes if self.config.position == "alibi" else None
+        positions, start, mask, is_causal, bias = attention_inputs(
+            self.config, tokens, attention_mask, positions, cache, alibi
         )
-        if positions is None:  # the same positions for every row: slice the tables
+        rotary = None
+        if (
+            alibi is None and positions is None
+        ):  # the same positions for every row: slice the tables
             cos, sin = self.rope_cos.narrow(0, start, T), self.rope_sin.narrow(0, start, T)
-        else:  # per-row positions: (batch, 1, T, head_dim / 2)
+            rotary = Rotary(cos, sin, self.config.rope_pairing)
+        elif alibi is None:  # per-row positions: (batch, 1, T, head_dim / 2)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        rotary = Rotary(cos, sin, self.config.rope_pairing)
+            rotary = Rotary(cos, sin, self.config.rope_pairing)
         h = self.tok_embeddings(tokens)
         if self.training and self.config.dropout:
             h = F.dropout(h, self.config.dropout)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            h = layer(h, mask=mask, is_causal=is_causal, cache=layer_cache, rotary=rotary)
+            h = layer(h, mask, is_causal, cache=layer_cache, rotary=rotary, bias=bias)
         return self.norm(h)
 
     def forward(

@@ -1,5 +1,6 @@
 """The model against independent computations: cached decoding vs full forward, padding, the
-rolling-buffer cache vs a brute-force windowed forward, RoPE pairings, RMSNorm, parameter counts."""
+rolling-buffer cache vs a brute-force windowed forward (each with RoPE and with ALiBi), RoPE
+pairings, RMSNorm, parameter counts."""
 
 import math
 import shutil
@@ -25,9 +26,13 @@ def tiny(n_kv_heads=2, **kw) -> Llama:
     return Llama(cfg).eval()
 
 
+POSITIONS = ["rope", "alibi"]
+
+
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("kind", HEADS)
-def test_cached_decoding_equals_full_forward(kind):
-    model = tiny(HEADS[kind])
+def test_cached_decoding_equals_full_forward(kind, position):
+    model = tiny(HEADS[kind], position=position)
     tokens = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         full = model(tokens)
@@ -38,8 +43,9 @@ def test_cached_decoding_equals_full_forward(kind):
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_left_and_right_padding_do_not_change_rows():
-    model = tiny()
+@pytest.mark.parametrize("position", POSITIONS)
+def test_left_and_right_padding_do_not_change_rows(position):
+    model = tiny(position=position)
     a, b = torch.randint(1, 256, (1, 12)), torch.randint(1, 256, (1, 5))
     with torch.no_grad():
         alone_a, alone_b = model(a), model(b)
@@ -63,9 +69,10 @@ def test_left_and_right_padding_do_not_change_rows():
     assert torch.isfinite(left).all() and torch.isfinite(right).all()
 
 
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("kind", HEADS)
-def test_batched_greedy_generation_equals_each_prompt_alone(kind):
-    model = tiny(HEADS[kind])
+def test_batched_greedy_generation_equals_each_prompt_alone(kind, position):
+    model = tiny(HEADS[kind], position=position)
     prompts = [[5, 9, 200, 3, 17, 8, 44], [7], [100, 101, 102]]
     batched = generate(model, prompts, 12, temperature=0)
     alone = [generate(model, [p], 12, temperature=0)[0] for p in prompts]
@@ -105,9 +112,10 @@ def test_per_row_eos_stops_rows_independently():
     assert stopped[1] == row1
 
 
-def test_sliding_window_rolling_cache_equals_windowed_forward():
+@pytest.mark.parametrize("position", POSITIONS)
+def test_sliding_window_rolling_cache_equals_windowed_forward(position):
     window = 5
-    model = tiny(sliding_window=window)
+    model = tiny(sliding_window=window, position=position)
     tokens = torch.randint(0, 256, (2, 23))
     with torch.no_grad():
         full = model(tokens)
@@ -118,9 +126,10 @@ def test_sliding_window_rolling_cache_equals_windowed_forward():
             pieces.append(model(tokens[:, t : t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
     # Brute force, one layer (with more, windows compound): token t of the windowed model equals
-    # the plain causal model run on tokens t-W+1..t only (RoPE is relative), reference attention.
-    one = tiny(sliding_window=window, n_layers=1)
-    plain = tiny(n_layers=1)
+    # the plain causal model run on tokens t-W+1..t only (RoPE and ALiBi are relative), reference
+    # attention.
+    one = tiny(sliding_window=window, n_layers=1, position=position)
+    plain = tiny(n_layers=1, position=position)
     plain.load_state_dict(one.state_dict())
     for layer in plain.layers:
         layer.attention.kernel = "reference"
@@ -131,11 +140,21 @@ def test_sliding_window_rolling_cache_equals_windowed_forward():
             torch.testing.assert_close(banded[:, t], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_window_generation_with_padding_matches_alone():
-    model = tiny(sliding_window=4)
+@pytest.mark.parametrize("position", POSITIONS)
+def test_sliding_window_generation_with_padding_matches_alone(position):
+    model = tiny(sliding_window=4, position=position)
     prompts = [[5, 9, 200, 3, 17, 8, 44, 1, 2], [7, 8]]
     batched = generate(model, prompts, 10, temperature=0)
     assert batched == [generate(model, [p], 10, temperature=0)[0] for p in prompts]
+
+
+def test_alibi_model_ignores_the_rotary_settings():
+    a, b = tiny(position="alibi"), tiny(position="alibi", rope_theta=7.0, rope_pairing="half")
+    rope = tiny()
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(a(tokens), b(tokens))
+        assert not torch.allclose(a(tokens), rope(tokens), atol=1e-4)
 
 
 def test_rope_pairings_agree_through_the_weight_permutation():
