@@ -10,8 +10,12 @@ Reports, per config:
 - for batch-1 decoding, the weight bytes read per second as a fraction of the memory bandwidth
   measured here (a large tensor copy): the physical limit of batch-1 decoding;
 - one training step (batch 8 x 256 tokens, forward + backward + AdamW) in ms, ours against HF;
-- and on the first config, cached against uncached decoding (recomputing the whole prefix every
-  step) for growing lengths: the ratio grows with length.
+- on the first config, cached against uncached decoding (recomputing the whole prefix every
+  step) for growing lengths: the ratio grows with length;
+- the sparse mixture-of-experts layer (`xllama.model.MoEFeedForward`, Mixtral's 8 experts, top 2)
+  against Hugging Face's `MixtralSparseMoeBlock` holding the same weights: forward, and forward +
+  backward, in ms, for a training batch (8 x 256 tokens) and a decoding batch (8 tokens).
+  `--moe-only` runs just this table.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xllama import LlamaConfig, loss_fn  # noqa: E402
 from xllama.convert import config_to_hf, load_hf  # noqa: E402
+from xllama.model import MoEFeedForward  # noqa: E402
 from xllama.sampling import generate  # noqa: E402
 
 # The benchmark's two sizes (4.9M and 31.6M parameters; tests/xllama/test_model.py counts them
@@ -180,6 +185,64 @@ def cache_bench(ours, lengths=(32, 64, 128, 256)):
     return rows
 
 
+def moe_pair(dim=512, hidden=1024, experts=8, top_k=2):
+    """Our MoE layer and HF's `MixtralSparseMoeBlock` with the same weights (HF stores each
+    expert's gate and up projections stacked in one tensor)."""
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    ours = MoEFeedForward(dim, hidden, experts, top_k)
+    hf_config = transformers.MixtralConfig(
+        hidden_size=dim, intermediate_size=hidden, num_local_experts=experts,
+        num_experts_per_tok=top_k,
+    )  # fmt: skip
+    theirs = MixtralSparseMoeBlock(hf_config)
+    with torch.no_grad():
+        theirs.gate.weight.copy_(ours.gate.weight)
+        theirs.experts.gate_up_proj.copy_(
+            torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in ours.experts])
+        )
+        theirs.experts.down_proj.copy_(torch.stack([e.w2.weight for e in ours.experts]))
+    return ours, theirs
+
+
+def moe_bench(repeats: int, tokens: int, backward: bool) -> tuple[float, float]:
+    """Median ms of our MoE layer and HF's on (tokens, dim) inputs, interleaved repeats."""
+    ours, theirs = moe_pair()
+    x = torch.randn(1, tokens, ours.gate.in_features, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+    def step(layer):
+        if not backward:
+            with torch.no_grad():
+                layer(x)
+            return
+        inp = x.clone().requires_grad_(True)
+        layer(inp).square().mean().backward()
+
+    times = {"ours": [], "hf": []}
+    for layer in (ours, theirs):
+        step(layer)  # warm-up
+    for _ in range(repeats):
+        for name, layer in (("ours", ours), ("hf", theirs)):
+            times[name].append(time_it(lambda layer=layer: step(layer)))
+    return tuple(statistics.median(times[k]) * 1e3 for k in ("ours", "hf"))
+
+
+def print_moe_table(repeats: int) -> None:
+    print("Sparse MoE layer (dim 512, expert hidden 1024, 8 experts, top 2), ours against HF's")
+    print("MixtralSparseMoeBlock with the same weights, median ms:")
+    print()
+    print("| tokens | pass | ours ms | HF ms | HF/ours |")
+    print("|---|---|---|---|---|")
+    for tokens in (2048, 8):
+        for backward in (False, True):
+            o, h = moe_bench(repeats, tokens, backward)
+            kind = "forward + backward" if backward else "forward"
+            print(f"| {tokens} | {kind} | {o:.2f} | {h:.2f} | {h / o:.2f}x |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -190,9 +253,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="also time ours with the decoding step compiled"
     )
+    parser.add_argument("--skip-moe", action="store_true", help="no mixture-of-experts table")
+    parser.add_argument("--moe-only", action="store_true", help="only the mixture-of-experts table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
+
+    if args.moe_only:
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"{args.threads} threads, float32")  # fmt: skip
+        print()
+        print_moe_table(max(5, args.repeats))
+        return 0
 
     bw = memory_bandwidth()
     print(
@@ -246,6 +318,9 @@ def main(argv=None) -> int:
         print("|---|---|---|---|")
         for n, c, u, r in cache_bench(ours):
             print(f"| {n} | {c:.0f} | {u:.0f} | {r:.1f}x |")
+    if not args.skip_moe:
+        print()
+        print_moe_table(max(5, args.repeats))
     return 0
 
 

@@ -1,5 +1,7 @@
 """xllama: a Llama 2 decoder (Touvron et al. 2023) that trains, generates with a KV cache, and
-loads and exports real Llama checkpoints (Meta `consolidated.*.pth` and Hugging Face).
+loads and exports real Llama checkpoints (Meta `consolidated.*.pth` and Hugging Face); with the
+Mistral family's options (sliding window and rolling cache, Mixtral's sparse mixture of experts,
+Mistral/Mixtral checkpoints) and ALiBi positions.
 
 Generation is `xllama.sampling.generate(model, prompts, ...)`; `xllama.generate` is the command
 (`python -m xllama.generate`), so the function is not re-exported under the same name."""
@@ -15,12 +17,14 @@ from .model import (
     LLAMA2,
     Llama,
     LlamaConfig,
+    MoEFeedForward,
     RMSNorm,
     apply_rope,
     count_params_meta,
     get_config,
     loss_fn,
     rope_tables,
+    router_losses,
 )
 from .sampling import left_pad, sample_next, token_logprobs
 
@@ -29,6 +33,7 @@ __all__ = [
     "Cache",
     "Llama",
     "LlamaConfig",
+    "MoEFeedForward",
     "RMSNorm",
     "RollingKVCache",
     "XLlamaError",
@@ -38,6 +43,7 @@ __all__ = [
     "left_pad",
     "loss_fn",
     "rope_tables",
+    "router_losses",
     "sample_next",
     "token_logprobs",
 ]

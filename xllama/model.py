@@ -65,7 +65,8 @@ class LlamaConfig:
         None, "scales the SwiGLU hidden size 2/3 * 4 * dim before rounding (1.3 for Llama 2 70B)"
     )
     ffn_hidden_dim: int | None = param(
-        None, "explicit SwiGLU hidden size (HF intermediate_size); None = Llama's rule from dim"
+        None,
+        "explicit SwiGLU hidden size (HF intermediate_size; each expert's with n_experts); None = Llama's rule from dim",
     )
     norm_eps: float = param(1e-5, "epsilon inside RMSNorm's square root")
     max_seq_len: int = param(
@@ -258,13 +259,15 @@ class MoEFeedForward(nn.Module):
         tokens = order // self.top_k
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
         grouped = x[tokens].split(counts)
-        outputs = [expert(xs) for expert, xs in zip(self.experts, grouped) if len(xs)]
+        # Every expert runs, an idle one on zero rows, so all take part in the backward pass
+        # (what DistributedDataParallel expects).
+        outputs = [expert(xs) for expert, xs in zip(self.experts, grouped)]
         y = torch.cat(outputs) * weights.flatten()[order, None]
         out = torch.zeros_like(x).index_add_(0, tokens, y).reshape(shape)
         return F.dropout(out, self.dropout) if self.training and self.dropout else out
 
 
-def router_losses(model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+def router_losses(model: nn.Module, all_reduce=None) -> tuple[Tensor, Tensor, Tensor]:
     """(load-balancing loss, router z-loss, expert fractions) of the last forward, averaged over the
     model's MoE layers.
 
@@ -273,27 +276,30 @@ def router_losses(model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     i among their k (Σ f = k) and P_i the mean router probability of expert i; k when balanced.
     Router z-loss (ST-MoE, Zoph et al. 2022, Eq. 5): the mean of (log Σ_j exp x_j)² over tokens.
     Fractions: f_i / k per expert (sums to 1), detached, for logging.
+
+    `all_reduce` (data parallelism: averages a tensor over processes) makes f the whole batch's
+    counts rather than this process's; f carries no gradient, so with P averaged by the gradient
+    all-reduce the processes together compute the loss one process would on the whole batch.
     """
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     if not layers or any(m.router_logits is None for m in layers):
         raise XLlamaError("router_losses needs a forward pass of a mixture-of-experts model")
-    balance, z_loss, fractions = [], [], []
-    for layer in layers:
-        logits = layer.router_logits.float()
-        n_experts = logits.size(-1)
-        chosen = logits.topk(layer.top_k, dim=-1).indices
-        f = torch.zeros(n_experts, device=logits.device).index_add_(
-            0, chosen.flatten(), torch.ones(chosen.numel(), device=logits.device)
-        ) / logits.size(0)
-        p = torch.softmax(logits, dim=-1).mean(0)
-        balance.append(n_experts * (f * p).sum())
-        z_loss.append(torch.logsumexp(logits, dim=-1).square().mean())
-        fractions.append(f / layer.top_k)
-    return (
-        torch.stack(balance).mean(),
-        torch.stack(z_loss).mean(),
-        torch.stack(fractions).mean(0).detach(),
-    )
+    logits = [m.router_logits.float() for m in layers]
+    with torch.no_grad():  # f_i: each layer's share of tokens routed to expert i
+        f = torch.stack(
+            [
+                torch.bincount(x.topk(m.top_k, dim=-1).indices.flatten(), minlength=x.size(-1))
+                / x.size(0)
+                for m, x in zip(layers, logits)
+            ]
+        ).float()
+        if all_reduce is not None:
+            f = all_reduce(f)
+    p = torch.stack([torch.softmax(x, dim=-1).mean(0) for x in logits])  # P_i
+    balance = (f.size(-1) * (f * p).sum(-1)).mean()
+    z_loss = torch.stack([torch.logsumexp(x, dim=-1).square().mean() for x in logits]).mean()
+    top_k = torch.tensor([[m.top_k] for m in layers], device=f.device)
+    return balance, z_loss, (f / top_k).mean(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,10 +530,13 @@ def loss_fn(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor
 
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the matrices plus 12·L·d·T for attention (PaLM App. B)."""
+    """Training FLOPs per token: 6·N for the matrices a token goes through (with experts: the
+    router and its k experts) plus 12·L·d·T for attention (PaLM App. B)."""
+    ffn = 3 * config.dim * config.hidden_dim
+    if config.n_experts is not None:
+        ffn = ffn * config.experts_per_token + config.dim * config.n_experts
     n = config.n_layers * (
-        config.dim * config.head_dim * (config.n_heads * 2 + config.kv_heads * 2)
-        + 3 * config.dim * config.hidden_dim
+        config.dim * config.head_dim * (config.n_heads * 2 + config.kv_heads * 2) + ffn
     )
     n += config.dim * config.vocab_size
     return 6 * n + 12 * config.n_layers * config.dim * seq_len

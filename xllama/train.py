@@ -61,7 +61,7 @@ from transformer.vocabulary import BPE
 from .adapters import save_peft_adapter
 from .convert import QUANTIZE_SKIP, load_checkpoint
 from .data import embedded_corpus, random_windows, read_texts, read_token_file, split_train_val
-from .model import Llama, LlamaConfig, XLlamaError, flops_per_token, loss_fn
+from .model import Llama, LlamaConfig, XLlamaError, flops_per_token, loss_fn, router_losses
 from .sampling import generate
 from .tokenization import CharTokenizer, keep_tokenizer, load_tokenizer
 
@@ -93,6 +93,14 @@ class TrainConfig:
     eval_batches: int = param(20, "batches of batch_size windows per validation estimate")
     val_fraction: float = param(0.1, "last fraction of the token stream held out for validation")
     checkpoint_every: int = param(500, "write a checkpoint every N steps (0 = only at the end)")
+    router_aux_loss_coef: float = param(
+        0.01,
+        "mixture of experts: weight of the Switch load-balancing loss (Fedus et al. 2022: 0.01; HF's router_aux_loss_coef)",
+        added=True,
+    )
+    router_z_loss_coef: float = param(
+        0.0, "mixture of experts: weight of ST-MoE's router z-loss (Zoph et al.: 0.001)", added=True
+    )
     sample_tokens: int = param(200, "tokens to generate at the end")
     sample_prompt: str = param("\n", "text the final sample continues")
 
@@ -101,7 +109,8 @@ class TrainConfig:
             self,
             positive=("steps", "batch_size", "grad_accum", "lr", "eps", "eval_batches"),
             non_negative=("min_lr", "warmup_steps", "weight_decay", "grad_clip", "time_limit",
-                          "eval_every", "checkpoint_every", "sample_tokens"),
+                          "eval_every", "checkpoint_every", "sample_tokens",
+                          "router_aux_loss_coef", "router_z_loss_coef"),
             below_one=("beta1", "beta2"),
         )  # fmt: skip
         if not 0 < self.val_fraction < 1:
@@ -308,6 +317,11 @@ def fine_tuning_start(args) -> tuple[Llama, object]:
     changeable = {"dropout", "max_seq_len"}
     fixed = [f.name for f in fields(LlamaConfig) if getattr(args, f.name) is not None
              and f.name not in changeable]  # fmt: skip
+    if args.position is not None and args.position != model.config.position:
+        raise XLlamaError(
+            f"--position {args.position}: {args.init_from} was trained with "
+            f"position={model.config.position}, and a model cannot change how it reads positions"
+        )
     if fixed:
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         raise XLlamaError(f"{flags}: the model's shape comes from --init-from {args.init_from}")
@@ -513,6 +527,7 @@ def main(argv=None) -> int:
         x = x[mine][: per_rank * train_cfg.grad_accum].to(device)
         y = y[mine][: per_rank * train_cfg.grad_accum].to(device)
         loss_sum = torch.zeros((), device=device)
+        router = torch.zeros(2 + (model_cfg.n_experts or 0), device=device)  # balance, z, fractions
         for micro in range(train_cfg.grad_accum):
             rows = slice(micro * per_rank, (micro + 1) * per_rank)
             last = micro == train_cfg.grad_accum - 1
@@ -520,7 +535,15 @@ def main(argv=None) -> int:
             with sync:
                 with autocast(device, dtype):
                     loss = loss_fn(train_model(x[rows]), y[rows]) / train_cfg.grad_accum
-                loss.backward()
+                    objective = loss
+                    if model_cfg.n_experts is not None:  # Mixtral: keep the experts in use
+                        reduce = dist.all_reduce_mean if dist.enabled else None
+                        balance, z_loss, fractions = router_losses(model, reduce)
+                        aux = train_cfg.router_aux_loss_coef * balance
+                        aux = aux + train_cfg.router_z_loss_coef * z_loss
+                        objective = loss + aux / train_cfg.grad_accum
+                        router += torch.cat([torch.stack([balance, z_loss]).detach(), fractions])
+                objective.backward()
             loss_sum += loss.detach()
         run.check_finite(step, loss=loss_sum)
         if train_cfg.grad_clip > 0:
@@ -531,6 +554,10 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         metrics = {"loss": float(dist.all_reduce_mean(loss_sum)), "lr": lr}
+        if model_cfg.n_experts is not None:
+            router = dist.all_reduce_mean(router / train_cfg.grad_accum).tolist()
+            metrics["balance_loss"], metrics["z_loss"] = round(router[0], 5), round(router[1], 4)
+            metrics["expert_fraction"] = [round(f, 4) for f in router[2:]]
         metrics["tokens_per_s"] = round(tokens_per_step / dt)
         if peak is not None:
             metrics["mfu"] = round(flops / dt / (peak * dist.world_size), 4)

@@ -96,11 +96,16 @@ def test_token_file_with_wrong_dtype_is_one_clear_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "sidecar" in err[0]
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, text_file):
+@pytest.mark.parametrize("ffn", ["dense", "experts"])
+def test_two_process_ddp_matches_one_process(tmp_path, text_file, ffn):
+    """The same trajectory under torchrun (gloo); with experts, the balancing loss and the
+    expert shares logged are averaged over the two processes too."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     common = ["-m", "xllama.train"] + TINY + ["--text", str(text_file), "--tokenizer", "char"]
     common += ["--steps", "4", "--batch-size", "4", "--eval-every", "0", "--max-seq-len", "16"]
     common += ["--sample-tokens", "0"]
+    if ffn == "experts":
+        common += ["--n-experts", "4", "--experts-per-token", "1"]
     one = subprocess.run(
         [sys.executable, *common, "--out", str(tmp_path / "one")],
         env=env,
@@ -122,6 +127,10 @@ def test_two_process_ddp_matches_one_process(tmp_path, text_file):
     a = [m["loss"] for m in _metrics(tmp_path / "one") if "loss" in m]
     b = [m["loss"] for m in _metrics(tmp_path / "two") if "loss" in m]
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    if ffn == "experts":
+        a = [m["expert_fraction"] for m in _metrics(tmp_path / "one") if "loss" in m]
+        b = [m["expert_fraction"] for m in _metrics(tmp_path / "two") if "loss" in m]
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-3, atol=1e-3)
 
 
 def test_generate_from_hf_directory_with_tokenizer_flag(tmp_path, capsys):
@@ -216,3 +225,45 @@ def test_help_lists_every_flag(main, capsys):
     assert "--device" in out and "--seed" in out
     if main is train_main:
         assert "--n-kv-heads" in out and "--rope-pairing" in out and "--grad-accum" in out
+
+
+def test_mixture_of_experts_trains_and_logs_expert_usage(tmp_path, text_file, capsys):
+    run = tmp_path / "moe"
+    args = TINY + ["--text", str(text_file), "--tokenizer", "char", "--steps", "4"]
+    args += ["--n-experts", "4", "--experts-per-token", "2", "--max-seq-len", "16"]
+    assert train_main(args + ["--out", str(run), "--router-z-loss-coef", "0.001"]) == 0
+    rows = [m for m in _metrics(run) if "loss" in m]
+    assert len(rows) == 4
+    for row in rows:
+        assert len(row["expert_fraction"]) == 4
+        assert sum(row["expert_fraction"]) == pytest.approx(1.0, abs=1e-3)
+        assert row["balance_loss"] >= 1.99  # k = 2 is its minimum (n Σ f_i P_i, Σ f = k)
+    model, _ = load_ours(run / "checkpoints" / "step_0000004")
+    assert len(model.layers[0].feed_forward.experts) == 4
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(run), "--prompt", "To", "--max-new-tokens", "4"]) == 0
+
+
+def test_expert_and_position_mistakes_give_one_line(tmp_path, text_file, capsys):
+    args = TINY + ["--text", str(text_file), "--tokenizer", "char", "--steps", "2"]
+    args += ["--max-seq-len", "16", "--eval-every", "0"]
+    code, err = run_cli(
+        train_main,
+        args + ["--out", str(tmp_path / "a"), "--n-experts", "4", "--experts-per-token", "5"],
+        capsys,
+    )
+    assert code == 2 and len(err) == 1 and "experts_per_token (5)" in err[0]
+    run = tmp_path / "rope"
+    assert train_main(args + ["--out", str(run)]) == 0
+    capsys.readouterr()
+    code, err = run_cli(
+        train_main, args + ["--out", str(run), "--resume", str(run), "--position", "alibi"], capsys
+    )
+    assert code == 2 and len(err) == 1 and "position" in err[0]
+    code, err = run_cli(
+        train_main,
+        ["--init-from", str(run), "--text", str(text_file), "--position", "alibi"]
+        + ["--out", str(tmp_path / "tune"), "--steps", "1"],
+        capsys,
+    )
+    assert code == 2 and len(err) == 1 and "trained with position=rope" in err[0]
