@@ -259,9 +259,11 @@ class MoEFeedForward(nn.Module):
         tokens = order // self.top_k
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
         grouped = x[tokens].split(counts)
-        # Every expert runs, an idle one on zero rows, so all take part in the backward pass
-        # (what DistributedDataParallel expects).
-        outputs = [expert(xs) for expert, xs in zip(self.experts, grouped)]
+        # In training every expert runs, an idle one on zero rows, so that all take part in the
+        # backward pass (as DistributedDataParallel expects); in eval idle experts are skipped.
+        outputs = [
+            expert(xs) for expert, xs in zip(self.experts, grouped) if len(xs) or self.training
+        ]
         y = torch.cat(outputs) * weights.flatten()[order, None]
         out = torch.zeros_like(x).index_add_(0, tokens, y).reshape(shape)
         return F.dropout(out, self.dropout) if self.training and self.dropout else out

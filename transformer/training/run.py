@@ -309,7 +309,7 @@ class TrainingRun:
             raise self._stop(f"non-finite weights after the update ({', '.join(bad[:3])})", step)
 
     def log(self, step: int, **metrics) -> None:
-        """Append one line to metrics.jsonl and show the metrics on the progress bar (rank 0)."""
+        """Append one line to metrics.jsonl and show the scalar metrics on the progress bar (rank 0)."""
         if not self.dist.is_main or (step + 1) % self.log_every:
             return
         record = {"step": step + 1, "time": round(time.time(), 3)}
@@ -324,8 +324,8 @@ class TrainingRun:
                 {
                     k: f"{v:.4g}" if isinstance(v, float) else v
                     for k, v in record.items()
-                    if k not in ("step", "time")
-                },
+                    if k not in ("step", "time") and not isinstance(v, (list, dict))
+                },  # lists (per-expert shares) stay in metrics.jsonl, off the bar
                 refresh=False,
             )
 
