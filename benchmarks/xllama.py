@@ -15,7 +15,12 @@ Reports, per config:
 - the sparse mixture-of-experts layer (`xllama.model.MoEFeedForward`, Mixtral's 8 experts, top 2)
   against Hugging Face's `MixtralSparseMoeBlock` holding the same weights: forward, and forward +
   backward, in ms, for a training batch (8 x 256 tokens) and a decoding batch (8 tokens).
-  `--moe-only` runs just this table.
+  `--moe-only` runs just this table;
+- `--quantized`: batch-1 decoding with weight-only int8 and int4 (groups of 32, 64, 128) weights
+  in every linear layer (`xllama.quantize`, PyTorch's CPU weight-only kernels) against our float32,
+  interleaved repeats in this one process: tokens/s, weight bytes read per token and the fraction of
+  the copy bandwidth; and with `--quality RUN --text FILE`, the validation perplexity of a trained
+  run (Tiny Shakespeare) in each format. `--quantized-only` runs just these tables.
 """
 
 from __future__ import annotations
@@ -31,9 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from transformer.quantize import weight_bytes  # noqa: E402
 from xllama import LlamaConfig, loss_fn  # noqa: E402
-from xllama.convert import config_to_hf, load_hf  # noqa: E402
-from xllama.model import MoEFeedForward  # noqa: E402
+from xllama.convert import (  # noqa: E402
+    config_to_hf,
+    load_checkpoint,  # noqa: E402
+    load_hf,
+)
+from xllama.data import read_texts, split_train_val  # noqa: E402
+from xllama.model import Llama, MoEFeedForward  # noqa: E402
+from xllama.quantize import quantize_for_decoding  # noqa: E402
 from xllama.sampling import generate  # noqa: E402
 
 # The benchmark's two sizes (4.9M and 31.6M parameters; tests/xllama/test_model.py counts them
@@ -185,9 +197,11 @@ def cache_bench(ours, lengths=(32, 64, 128, 256)):
     return rows
 
 
-def moe_pair(dim=512, hidden=1024, experts=8, top_k=2):
+def moe_pair(dim=512, hidden=1024, experts=8, top_k=2, implementation="grouped_mm"):
     """Our MoE layer and HF's `MixtralSparseMoeBlock` with the same weights (HF stores each
-    expert's gate and up projections stacked in one tensor)."""
+    expert's gate and up projections stacked in one tensor). `implementation` is HF's experts
+    kernel: `grouped_mm` (what `MixtralForCausalLM` picks by default) or `eager` (a loop over the
+    experts that received tokens)."""
     import transformers
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -197,6 +211,7 @@ def moe_pair(dim=512, hidden=1024, experts=8, top_k=2):
         hidden_size=dim, intermediate_size=hidden, num_local_experts=experts,
         num_experts_per_tok=top_k,
     )  # fmt: skip
+    hf_config._experts_implementation = implementation
     theirs = MixtralSparseMoeBlock(hf_config)
     with torch.no_grad():
         theirs.gate.weight.copy_(ours.gate.weight)
@@ -207,9 +222,10 @@ def moe_pair(dim=512, hidden=1024, experts=8, top_k=2):
     return ours, theirs
 
 
-def moe_bench(repeats: int, tokens: int, backward: bool) -> tuple[float, float]:
+def moe_bench(repeats: int, tokens: int, backward: bool, implementation: str):
     """Median ms of our MoE layer and HF's on (tokens, dim) inputs, interleaved repeats."""
-    ours, theirs = moe_pair()
+    ours, theirs = moe_pair(implementation=implementation)
+    ours.train(backward), theirs.train(backward)  # forward alone: inference, as in decoding
     x = torch.randn(1, tokens, ours.gate.in_features, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
 
@@ -234,13 +250,89 @@ def print_moe_table(repeats: int) -> None:
     print("Sparse MoE layer (dim 512, expert hidden 1024, 8 experts, top 2), ours against HF's")
     print("MixtralSparseMoeBlock with the same weights, median ms:")
     print()
-    print("| tokens | pass | ours ms | HF ms | HF/ours |")
-    print("|---|---|---|---|---|")
-    for tokens in (2048, 8):
-        for backward in (False, True):
-            o, h = moe_bench(repeats, tokens, backward)
-            kind = "forward + backward" if backward else "forward"
-            print(f"| {tokens} | {kind} | {o:.2f} | {h:.2f} | {h / o:.2f}x |")
+    print("| HF experts kernel | tokens | pass | ours ms | HF ms | HF/ours |")
+    print("|---|---|---|---|---|---|")
+    for implementation in ("grouped_mm", "eager"):
+        for tokens in (2048, 8):
+            for backward in (False, True):
+                o, h = moe_bench(repeats, tokens, backward, implementation)
+                kind = "forward + backward" if backward else "forward"
+                print(
+                    f"| {implementation} | {tokens} | {kind} | {o:.2f} | {h:.2f} | {h / o:.2f}x |"
+                )
+
+
+# name: (kind, int4 group size); None = float32
+FORMATS = {
+    "float32": (None, 0),
+    "int8": ("int8", 0),
+    "int4 g32": ("int4", 32),
+    "int4 g64": ("int4", 64),
+    "int4 g128": ("int4", 128),
+}
+
+
+def quantized_copy(model: Llama, fmt: str) -> Llama:
+    kind, group = FORMATS[fmt]
+    copy = Llama(model.config)
+    copy.load_state_dict(model.state_dict())
+    if kind is not None:
+        quantize_for_decoding(copy, kind, group or 64)
+    return copy.eval()
+
+
+def bytes_per_token(model: Llama) -> int:
+    """Weight bytes batch-1 decoding reads per token: everything but the embedding table, of
+    which one row."""
+    emb = model.tok_embeddings.weight
+    return weight_bytes(model) - emb.numel() * emb.element_size() + emb.size(1) * emb.element_size()
+
+
+def print_quantized_tables(args, bw: float) -> None:
+    print("Batch-1 decoding with quantised weights (256 new tokens after 16, greedy), interleaved")
+    print("repeats in one process, medians:")
+    print()
+    print("| config | weights | MB read/token | tok/s | vs float32 | GB/s | of copy bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.configs:
+        base, _ = build_pair(name)
+        models = {fmt: quantized_copy(base, fmt) for fmt in FORMATS}
+        prompt = torch.randint(1, base.config.vocab_size, (1, 16)).tolist()
+        times = {fmt: [] for fmt in FORMATS}
+        for model in models.values():
+            generate(model, prompt, 8, temperature=0)  # warm-up
+        for _ in range(args.repeats):
+            for fmt, model in models.items():
+                run = lambda m=model, p=prompt: generate(m, p, 256, temperature=0)  # noqa: E731
+                times[fmt].append(time_it(run))
+        speed = {fmt: 256 / statistics.median(t) for fmt, t in times.items()}
+        for fmt, model in models.items():
+            read = bytes_per_token(model)
+            print(f"| {name} | {fmt} | {read / 1e6:.1f} | {speed[fmt]:.0f} | "
+                  f"{speed[fmt] / speed['float32']:.2f}x | {read * speed[fmt] / 1e9:.2f} | "
+                  f"{read * speed[fmt] / bw:.1%} |")  # fmt: skip
+    if args.quality is None:
+        return
+    model, tokenizer, _ = load_checkpoint(args.quality)
+    text = read_texts([args.text])
+    val = split_train_val(tokenizer.encode(text), 0.1)[1]
+    length = model.config.max_seq_len
+    windows = val[: len(val) // (length + 1) * (length + 1)].view(-1, length + 1)
+    print()
+    print(f"Validation perplexity of {args.quality} ({len(windows)} windows of {length} tokens):")
+    print()
+    print("| weights | loss | perplexity | vs float32 |")
+    print("|---|---|---|---|")
+    base_ppl = None
+    for fmt in FORMATS:
+        quantized = quantized_copy(model, fmt)
+        with torch.no_grad():
+            loss = sum(
+                float(loss_fn(quantized(w[:, :-1]), w[:, 1:])) * len(w) for w in windows.split(64)
+            ) / len(windows)
+        ppl = float(torch.tensor(loss).exp())
+        base_ppl = base_ppl or ppl
+        print(f"| {fmt} | {loss:.4f} | {ppl:.4f} | {ppl / base_ppl - 1:+.2%} |")
 
 
 def main(argv=None) -> int:
@@ -255,10 +347,24 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--skip-moe", action="store_true", help="no mixture-of-experts table")
     parser.add_argument("--moe-only", action="store_true", help="only the mixture-of-experts table")
+    parser.add_argument("--quantized", action="store_true", help="also the int8/int4 tables")
+    parser.add_argument(
+        "--quantized-only", action="store_true", help="only the int8/int4 decoding tables"
+    )
+    parser.add_argument("--quality", type=Path, help="a trained run for the perplexity table")
+    parser.add_argument("--text", type=Path, help="the text --quality's run trained on")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
 
+    if args.quantized_only:
+        bw = memory_bandwidth()
+        print(
+            f"torch {torch.__version__}, {args.threads} threads; copy bandwidth {bw / 1e9:.1f} GB/s"
+        )
+        print()
+        print_quantized_tables(args, bw)
+        return 0
     if args.moe_only:
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
               f"{args.threads} threads, float32")  # fmt: skip
@@ -321,6 +427,9 @@ def main(argv=None) -> int:
     if not args.skip_moe:
         print()
         print_moe_table(max(5, args.repeats))
+    if args.quantized:
+        print()
+        print_quantized_tables(args, bw)
     return 0
 
 

@@ -1,6 +1,13 @@
-"""Quantised frozen linear layers: NF4 with double quantisation (QLoRA, Dettmers et al. 2023, §3),
-and int8 absmax per output channel as the simpler baseline. Both dequantise on the fly in the
-forward pass and take LoRA adapters on top (`transformer.lora`): that is QLoRA.
+"""Quantised frozen linear layers: NF4 with double quantisation (QLoRA, Dettmers et al. 2023, §3);
+int8 absmax per output channel; int4 group-wise (as gpt-fast quantises Llama for decoding). All
+take LoRA adapters on top (`transformer.lora`): with NF4 that is QLoRA.
+
+Weight-only int8 and int4 are also the deployment formats: batch-1 decoding reads every weight once
+per token, so fewer bytes per weight is more tokens per second. Their forward runs PyTorch's
+weight-only kernels on a CPU (`torch._weight_int8pack_mm`; `aten._weight_int4pack_mm_for_cpu`,
+which unpacks and scales inside the matmul), never a dequantised copy of the weight; on other
+devices they dequantise and call `F.linear`. Their backward (LoRA training on an int8/int4 base)
+multiplies by the dequantised weight. NF4 has no PyTorch kernel and always dequantises.
 
 QLoRA §3, in order:
 
@@ -145,9 +152,38 @@ class NF4Linear(QuantizedLinear):
         return dequantize_nf4(q, shape, self.compute_dtype)
 
 
-class Int8Linear(QuantizedLinear):
-    """int8 with one absmax scale per output channel (row): W ≈ q · s, s = max|W_row| / 127. The
-    baseline beside NF4."""
+class _WeightOnlyMatmul(torch.autograd.Function):
+    """x Wᵀ through a layer's weight-only kernel; the backward pass multiplies by the dequantised
+    weight (the weight itself is frozen: no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: KernelLinear) -> Tensor:
+        ctx.layer = layer
+        return layer.kernel(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
+
+
+class KernelLinear(QuantizedLinear):
+    """A quantised layer with a CPU matmul kernel that reads the packed weight directly."""
+
+    def kernel(self, x: Tensor) -> Tensor:  # (tokens, in) -> (tokens, out)
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = _WeightOnlyMatmul.apply(flat, self).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int8Linear(KernelLinear):
+    """int8 with one absmax scale per output channel (row), symmetric: W ≈ q · s,
+    s = max|W_row| / 127. The forward is `torch._weight_int8pack_mm` (int8 weights converted inside
+    the kernel, the row scale applied to its output)."""
 
     bits = "int8"
 
@@ -162,25 +198,113 @@ class Int8Linear(QuantizedLinear):
     def dequantized_weight(self) -> Tensor:
         return (self.weight_q.float() * self.scale[:, None]).to(self.compute_dtype)
 
+    def kernel(self, x: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(x, self.weight_q, self.scale.to(x.dtype))
 
-QUANTIZED = {"nf4": NF4Linear, "int8": Int8Linear}
+
+INT4_GROUP_SIZES = (32, 64, 128)
+INT4_ROW_BLOCK = 64  # rows per block of the packed layout
 
 
-def quantize_model(model: nn.Module, kind: str, skip: tuple[str, ...] = ()) -> list[str]:
+def pack_int4(codes: Tensor) -> Tensor:
+    """(rows, k) codes 0..15, rows a multiple of 64 -> (rows, k / 2) bytes in the layout PyTorch's
+    CPU int4 kernel reads (what `aten._convert_weight_to_int4pack_for_cpu` produces; tested):
+    in each block of 64 rows, row j's and row j + 32's codes for input k share byte k·32 + j of the
+    block, row j in the low nibble."""
+    rows, k = codes.shape
+    blocks = codes.to(torch.uint8).view(-1, INT4_ROW_BLOCK, k)
+    half = INT4_ROW_BLOCK // 2
+    packed = (blocks[:, :half] | (blocks[:, half:] << 4)).transpose(1, 2)
+    return packed.reshape(rows, k // 2).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of `pack_int4`: (rows, k / 2) bytes -> (rows, k) codes, uint8."""
+    rows, k = packed.size(0), packed.size(1) * 2
+    blocks = packed.view(-1, k, INT4_ROW_BLOCK // 2).transpose(1, 2)
+    return torch.cat([blocks & 0xF, blocks >> 4], 1).reshape(rows, k)
+
+
+class Int4Linear(KernelLinear):
+    """int4 group-wise, round to nearest (gpt-fast's `WeightOnlyInt4Linear`): each group of
+    `group_size` consecutive input weights of a row gets its own scale and offset from its range,
+    s = (max - min) / 15 and z = min + 8 s; a weight is stored as q = round((w - min) / s) in 0..15
+    and read as (q - 8) · s + z. 4 bits per weight plus two float32 constants per group (with
+    groups of 64: 5 bits per weight).
+
+    Stored as the kernel reads it (`pack_int4`): the codes, two per byte, and the (groups, rows, 2)
+    scales and offsets. Rows are padded to a multiple of 64 and inputs to a multiple of the group
+    size with zeros (the forward pads its input and drops the padded outputs)."""
+
+    bits = "int4"
+
+    def __init__(
+        self, linear: nn.Linear, compute_dtype: torch.dtype | None = None, group_size: int = 64
+    ):
+        super().__init__(linear, compute_dtype)
+        if group_size not in INT4_GROUP_SIZES:
+            raise QuantizeError(
+                f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                f"not {group_size}"
+            )
+        self.group_size = group_size
+        weight = linear.weight.detach().float()
+        rows = (-self.out_features) % INT4_ROW_BLOCK
+        weight = F.pad(weight, (0, (-self.in_features) % group_size, 0, rows))
+        groups = weight.view(weight.size(0), -1, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-6)  # (rows, groups)
+        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+        self.register_buffer("weight_q", pack_int4(codes.view(weight.shape)))
+        zero = low + 8 * scale
+        scales_and_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (groups, rows, 2)
+
+    def dequantized_weight(self) -> Tensor:
+        scale, zero = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (rows, groups) each
+        codes = unpack_int4(self.weight_q).float()
+        groups = codes.view(codes.size(0), -1, self.group_size)
+        weight = ((groups - 8) * scale[..., None] + zero[..., None]).view(codes.shape)
+        return weight[: self.out_features, : self.in_features].to(self.compute_dtype)
+
+    def kernel(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (0, self.weight_q.size(1) * 2 - self.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.weight_q, self.group_size, self.scales_and_zeros.to(x.dtype).contiguous()
+        )
+        return y[:, : self.out_features]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+QUANTIZED = {"nf4": NF4Linear, "int8": Int8Linear, "int4": Int4Linear}
+
+
+def quantize_model(
+    model: nn.Module, kind: str, skip: tuple[str, ...] = (), group_size: int = 64
+) -> list[str]:
     """Replace every `nn.Linear` (but those named in `skip`, e.g. the output head) by its
-    quantised form, in place; returns the quantised names. The model is frozen afterwards."""
+    quantised form, in place; returns the quantised names. The model is frozen afterwards.
+    `group_size` is int4's (32, 64 or 128)."""
     if kind not in QUANTIZED:
         raise QuantizeError(f"unknown quantisation {kind!r}; choose one of: {', '.join(QUANTIZED)}")
+    if kind == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise QuantizeError(
+            f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+            f"not {group_size}"
+        )
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise QuantizeError("the model is already quantised; quantising it twice would lose more")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and n.rsplit(".", 1)[-1] not in skip and n not in skip]  # fmt: skip
     if not names:
         raise QuantizeError("the model has no linear layer to quantise")
+    options = {"group_size": group_size} if kind == "int4" else {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QUANTIZED[kind](getattr(parent, child)))
+        setattr(parent, child, QUANTIZED[kind](getattr(parent, child), **options))
     model.requires_grad_(False)
     return names
 

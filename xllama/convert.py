@@ -439,8 +439,13 @@ def load_ours(directory: Path, dtype: torch.dtype | None = None) -> tuple[Llama,
     found = check_checkpoint(directory, PACKAGE)
     config = LlamaConfig.from_dict(found.get("model"), f"{directory}/config.json: model")
     model = Llama(config)
-    if found.get("quantize"):  # QLoRA: the base is stored quantised
-        quantize_model(model, found["quantize"], skip=QUANTIZE_SKIP)
+    if found.get("quantize"):  # QLoRA's base, or a model quantised for decoding (xllama.quantize)
+        quantize_model(
+            model,
+            found["quantize"],
+            skip=tuple(found.get("quantize_skip", QUANTIZE_SKIP)),
+            group_size=int(found.get("quantize_group_size", 64)),
+        )
     if found.get("lora"):  # a LoRA fine-tune: the checkpoint holds the base and the adapters
         config_from_dict(LoRAConfig, found["lora"], f"{directory}/config.json: lora").apply(model)
     load_weights(directory, model)
@@ -490,13 +495,14 @@ def load_checkpoint(
     """(model, tokenizer, our config dict or None) of any checkpoint kind. The tokenizer is the file
     `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` beside the
     weights; a run trained with LoRA comes back with its adapters merged into the weights (and a
-    quantised base dequantised first)."""
+    quantised base dequantised first); a model quantised for decoding stays quantised."""
     config = None
     if checkpoint_kind(directory) == PACKAGE:
         directory = find_checkpoint(directory)
         model, config = load_ours(directory)
-        dequantize_model(model)
-        remove_lora(model)
+        if config.get("lora"):
+            dequantize_model(model)
+            remove_lora(model)
     else:
         model = load_model(directory)
     found = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(directory, config)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from transformer.lora import remove_lora
+from transformer.quantize import INT4_GROUP_SIZES, weight_bytes
 from transformer.training import (
     CommandParser,
     add_common_arguments,
@@ -30,6 +31,7 @@ from transformer.training import (
 from .adapters import load_any_adapter
 from .convert import load_checkpoint
 from .model import XLlamaError
+from .quantize import KINDS, quantize_for_decoding
 from .sampling import check_sampling_args, generate
 
 
@@ -79,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a LoRA adapter directory (ours, or Hugging Face peft's for this base) merged into "
         "the weights before decoding (default: none)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", *KINDS],
+        default="none",
+        help="decode with weight-only int8 or int4 weights in every linear layer (quantised here, "
+        "after loading; xllama.quantize saves such a model) (default: none)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=INT4_GROUP_SIZES,
+        default=64,
+        help="--quantize int4: input weights per scale and offset (default: 64)",
+    )
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end only")
     parser.add_argument(
         "--compile",
@@ -120,6 +136,8 @@ def main(argv=None) -> int:
     if args.adapter is not None:
         load_any_adapter(model, args.adapter)
         remove_lora(model)  # merged: decoding runs plain linear layers
+    if args.quantize != "none":
+        quantize_for_decoding(model, args.quantize, args.group_size)
     model = model.to(device=device, dtype=dtype).eval()
     model.reset_rope_tables()  # keep the rotary tables in float32
     ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
@@ -160,7 +178,7 @@ def main(argv=None) -> int:
     sys.stdout.flush()
     print(
         f"{len(new)} tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s "
-        f"(prompt {len(ids)} tokens, {model.num_params() / 1e6:.1f}M parameters, {device})",
+        f"(prompt {len(ids)} tokens, {weight_bytes(model) / 1e6:.1f} MB of weights, {device})",
         file=sys.stderr,
     )
     if args.out is not None:

@@ -1,5 +1,6 @@
-"""NF4 with double quantisation (QLoRA §3) and int8 absmax against the paper's numbers and the
-error bounds their block constants imply; QLoRA = a quantised base with LoRA on top."""
+"""NF4 with double quantisation (QLoRA §3), int8 absmax and int4 group-wise against the paper's
+numbers, hand-computed codes and the error bounds their constants imply; the int8/int4 CPU kernels
+against a plain matmul with the dequantised weight; QLoRA = a quantised base with LoRA on top."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformer.lora import LoRAError, add_lora, merge_lora
 from transformer.quantize import (
     ABSMAX_BLOCK,
     NF4_BLOCK,
+    Int4Linear,
     Int8Linear,
     NF4Linear,
     QuantizeError,
@@ -16,8 +18,10 @@ from transformer.quantize import (
     dequantize_nf4,
     nf4_blocks,
     nf4_code,
+    pack_int4,
     quantize_model,
     quantize_nf4,
+    unpack_int4,
     weight_bytes,
 )
 
@@ -88,6 +92,75 @@ def test_int8_round_trip_error_is_half_a_step_per_row():
     torch.testing.assert_close(q(x), expected)
 
 
+def test_int4_codes_of_a_hand_made_group():
+    # One row of 32 weights 0.0, 0.1, ..., 1.5 twice: min 0, max 1.5, s = 0.1, z = 0.8, codes
+    # 0..15, and every weight comes back exactly (to float rounding).
+    row = torch.cat([torch.arange(16) * 0.1, torch.arange(16) * 0.1])
+    linear = nn.Linear(32, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(row[None])
+    q = Int4Linear(linear, group_size=32)
+    assert unpack_int4(q.weight_q)[0].tolist() == list(range(16)) * 2
+    scale, zero = q.scales_and_zeros[0, 0].tolist()
+    assert scale == pytest.approx(0.1) and zero == pytest.approx(0.8)
+    torch.testing.assert_close(q.dequantized_weight()[0], row, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 32), (128, 64), (192, 1376), (64, 4096)])
+def test_int4_packing_is_the_layout_of_pytorchs_cpu_kernel(rows, cols):
+    codes = torch.randint(0, 16, (rows, cols), dtype=torch.int32)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(pack_int4(codes), theirs)
+    assert torch.equal(unpack_int4(theirs).int(), codes)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("in_features", [128, 100])  # 100: rows padded to the group size
+def test_int4_error_bound_and_kernel_equal_the_dequantised_matmul(group_size, in_features):
+    torch.manual_seed(5)
+    linear = nn.Linear(in_features, 48)
+    q = Int4Linear(linear, group_size=group_size)
+    w = linear.weight.detach()
+    padded = nn.functional.pad(w, (0, (-in_features) % group_size)).view(48, -1, group_size)
+    step = (padded.amax(-1) - padded.amin(-1)) / 15  # s per group
+    error = (q.dequantized_weight() - w).abs()
+    error = nn.functional.pad(error, (0, (-in_features) % group_size)).view(48, -1, group_size)
+    assert (error <= step[..., None] / 2 + 1e-6).all()
+    x = torch.randn(3, 5, in_features)
+    expected = x @ q.dequantized_weight().T + linear.bias.detach()
+    torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_weight_only_kernels_pass_gradients_to_the_input(kind):
+    torch.manual_seed(6)
+    q = (Int8Linear if kind == "int8" else Int4Linear)(nn.Linear(64, 24))
+    x = torch.randn(7, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    q(x).square().sum().backward()
+    nn.functional.linear(x_ref, q.dequantized_weight(), q.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_int4_state_dict_loads_into_a_fresh_layer_and_gives_the_same_outputs():
+    torch.manual_seed(7)
+    a = Int4Linear(nn.Linear(96, 40), group_size=32)
+    b = Int4Linear(nn.Linear(96, 40), group_size=32)
+    x = torch.randn(2, 96)
+    assert not torch.allclose(a(x), b(x))
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(x), a(x), atol=0, rtol=0)
+
+
+def test_int4_bits_per_parameter():
+    layer = Int4Linear(nn.Linear(4096, 4096, bias=False), group_size=64)
+    bits = 8 * weight_bytes(layer) / (4096 * 4096)
+    assert bits == pytest.approx(4 + 2 * 32 / 64)  # 4-bit codes + fp32 scale and offset per 64
+    assert 8 * weight_bytes(Int8Linear(nn.Linear(4096, 4096, bias=False))) / 4096**2 == (
+        pytest.approx(8 + 32 / 4096)
+    )
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_qlora_trains_the_adapters_on_a_frozen_quantised_base(kind):
     torch.manual_seed(2)
@@ -122,6 +195,8 @@ def test_quantising_twice_and_unknown_kinds_are_refused():
         quantize_model(model, "int8")
     with pytest.raises(QuantizeError, match="unknown quantisation 'int3'"):
         quantize_model(nn.Sequential(nn.Linear(8, 8)), "int3")
+    with pytest.raises(QuantizeError, match="group size must be one of 32, 64, 128"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), "int4", group_size=48)
 
 
 def test_dequantized_model_is_plain_and_equal():
