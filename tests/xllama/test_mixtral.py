@@ -110,13 +110,21 @@ def test_export_loads_in_hf_with_identical_logits_and_greedy(kind, tmp_path):
     assert generate(ours, [prompt], 16, temperature=0) == [hf_greedy(reloaded, prompt, 16)]
 
 
-def test_mixtral_whose_expert_count_disagrees_with_its_config_is_refused(tmp_path):
+def test_mixtral_whose_expert_count_disagrees_with_its_config_is_refused(tmp_path, capsys):
     hf_mixtral(experts=4).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_local_experts"] = 8
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="missing layers.0.feed_forward.experts.4.w1"):
         load_hf(tmp_path)
+    # Through a command: one line on stderr, exit status 2.
+    from transformer.training import run_command
+    from xllama.generate import main as generate_main
+
+    capsys.readouterr()  # transformers' saving progress bar
+    code = run_command(generate_main, ["--checkpoint", str(tmp_path), "--tokenizer", "char"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "experts.4.w1" in err[0]
 
 
 def test_alibi_model_is_not_exported_to_hf(tmp_path):
