@@ -289,28 +289,39 @@ def bytes_per_token(model: Llama) -> int:
 
 
 def print_quantized_tables(args, bw: float) -> None:
-    print("Batch-1 decoding with quantised weights (256 new tokens after 16, greedy), interleaved")
-    print("repeats in one process, medians:")
+    print(
+        "Batch-1 decoding with quantised weights (256 new tokens after 16, greedy), eager and with"
+    )
+    print(
+        "the one-token step compiled (`generate(compile=True)`, compiled before timing), medians of"
+    )
+    print("interleaved repeats in one process:")
     print()
-    print("| config | weights | MB read/token | tok/s | vs float32 | GB/s | of copy bandwidth |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | weights | MB read/token | eager tok/s | vs float32 | compiled tok/s | "
+          "vs float32 | GB/s | of copy bandwidth |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         base, _ = build_pair(name)
         models = {fmt: quantized_copy(base, fmt) for fmt in FORMATS}
         prompt = torch.randint(1, base.config.vocab_size, (1, 16)).tolist()
-        times = {fmt: [] for fmt in FORMATS}
+        runs = {(fmt, c): [] for fmt in FORMATS for c in (False, True)}
         for model in models.values():
-            generate(model, prompt, 8, temperature=0)  # warm-up
+            for c in (False, True):
+                generate(model, prompt, 8, temperature=0, compile=c)  # warm-up (and compile)
         for _ in range(args.repeats):
-            for fmt, model in models.items():
-                run = lambda m=model, p=prompt: generate(m, p, 256, temperature=0)  # noqa: E731
-                times[fmt].append(time_it(run))
-        speed = {fmt: 256 / statistics.median(t) for fmt, t in times.items()}
+            for (fmt, c), times in runs.items():
+                run = lambda m=models[fmt], c=c, p=prompt: generate(
+                    m, p, 256, temperature=0, compile=c
+                )  # noqa: E731
+                times.append(time_it(run))
+        speed = {key: 256 / statistics.median(t) for key, t in runs.items()}
         for fmt, model in models.items():
             read = bytes_per_token(model)
-            print(f"| {name} | {fmt} | {read / 1e6:.1f} | {speed[fmt]:.0f} | "
-                  f"{speed[fmt] / speed['float32']:.2f}x | {read * speed[fmt] / 1e9:.2f} | "
-                  f"{read * speed[fmt] / bw:.1%} |")  # fmt: skip
+            eager, compiled = speed[(fmt, False)], speed[(fmt, True)]
+            print(f"| {name} | {fmt} | {read / 1e6:.1f} | {eager:.0f} | "
+                  f"{eager / speed[('float32', False)]:.2f}x | {compiled:.0f} | "
+                  f"{compiled / speed[('float32', True)]:.2f}x | {read * compiled / 1e9:.2f} | "
+                  f"{read * compiled / bw:.1%} |")  # fmt: skip
     if args.quality is None:
         return
     model, tokenizer, _ = load_checkpoint(args.quality)

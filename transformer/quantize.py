@@ -5,9 +5,12 @@ take LoRA adapters on top (`transformer.lora`): with NF4 that is QLoRA.
 Weight-only int8 and int4 are also the deployment formats: batch-1 decoding reads every weight once
 per token, so fewer bytes per weight is more tokens per second. Their forward runs PyTorch's
 weight-only kernels on a CPU (`torch._weight_int8pack_mm`; `aten._weight_int4pack_mm_for_cpu`,
-which unpacks and scales inside the matmul), never a dequantised copy of the weight; on other
-devices they dequantise and call `F.linear`. Their backward (LoRA training on an int8/int4 base)
-multiplies by the dequantised weight. NF4 has no PyTorch kernel and always dequantises.
+which unpacks and scales inside the matmul), never a dequantised copy of the weight. Those kernels
+are fast for bfloat16 activations only (with float32 ones they take a generic path 5-13× slower
+than a float32 `F.linear`), so the input is cast to bfloat16 for the kernel and the output back, as
+gpt-fast runs them. On other devices the layers dequantise and call `F.linear`. Their backward
+(LoRA training on an int8/int4 base) multiplies by the dequantised weight. NF4 has no PyTorch
+kernel and always dequantises.
 
 QLoRA §3, in order:
 
@@ -159,7 +162,7 @@ class _WeightOnlyMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: KernelLinear) -> Tensor:
         ctx.layer = layer
-        return layer.kernel(x)
+        return layer.kernel(x.to(KERNEL_DTYPE)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -167,39 +170,53 @@ class _WeightOnlyMatmul(torch.autograd.Function):
 
 
 class KernelLinear(QuantizedLinear):
-    """A quantised layer with a CPU matmul kernel that reads the packed weight directly."""
+    """A quantised layer with a CPU matmul kernel that reads the packed weight directly, in
+    bfloat16 (`KERNEL_DTYPE`: the kernels' fast path)."""
 
-    def kernel(self, x: Tensor) -> Tensor:  # (tokens, in) -> (tokens, out)
+    def kernel(self, x: Tensor) -> Tensor:  # (tokens, in) in KERNEL_DTYPE -> (tokens, out)
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
         flat = x.reshape(-1, self.in_features).contiguous()
-        y = _WeightOnlyMatmul.apply(flat, self).view(*x.shape[:-1], self.out_features)
+        if torch.is_grad_enabled() and x.requires_grad:  # training through the layer (LoRA)
+            y = _WeightOnlyMatmul.apply(flat, self)
+        else:  # the same kernel without autograd's bookkeeping (decoding: every call counts)
+            y = self.kernel(flat.to(KERNEL_DTYPE)).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+KERNEL_DTYPE = torch.bfloat16
 
 
 class Int8Linear(KernelLinear):
     """int8 with one absmax scale per output channel (row), symmetric: W ≈ q · s,
-    s = max|W_row| / 127. The forward is `torch._weight_int8pack_mm` (int8 weights converted inside
-    the kernel, the row scale applied to its output)."""
+    s = max|W_row| / 127, stored in bfloat16 (rounded up, so that |w| / s ≤ 127 still). The
+    forward is `torch._weight_int8pack_mm` (int8 weights converted inside the kernel, the row scale
+    applied to its output). Its bfloat16 path needs rows of a multiple of 16 weights (it crashes on
+    others), so rows are stored padded with zeros and the input padded to match."""
 
     bits = "int8"
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None):
         super().__init__(linear, compute_dtype)
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(1) / 127
-        quantized = torch.round(weight / scale.clamp(min=1e-30)[:, None]).to(torch.int8)
-        self.register_buffer("weight_q", quantized)
+        weight = F.pad(linear.weight.detach().float(), (0, (-self.in_features) % 16))
+        # bfloat16 rounds to nearest within 2^-9: scaling by 1 + 2^-8 first rounds up.
+        scale = (weight.abs().amax(1) / 127 * (1 + 2**-8)).to(KERNEL_DTYPE)
+        quantized = torch.round(weight / scale.float().clamp(min=1e-30)[:, None])
+        self.register_buffer("weight_q", quantized.clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
 
     def dequantized_weight(self) -> Tensor:
-        return (self.weight_q.float() * self.scale[:, None]).to(self.compute_dtype)
+        weight = self.weight_q[:, : self.in_features].float() * self.scale.float()[:, None]
+        return weight.to(self.compute_dtype)
 
     def kernel(self, x: Tensor) -> Tensor:
-        return torch._weight_int8pack_mm(x, self.weight_q, self.scale.to(x.dtype))
+        if self.weight_q.size(1) != self.in_features:
+            x = F.pad(x, (0, self.weight_q.size(1) - self.in_features))
+        return torch._weight_int8pack_mm(x, self.weight_q, self.scale.to(KERNEL_DTYPE))
 
 
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -228,9 +245,9 @@ def unpack_int4(packed: Tensor) -> Tensor:
 class Int4Linear(KernelLinear):
     """int4 group-wise, round to nearest (gpt-fast's `WeightOnlyInt4Linear`): each group of
     `group_size` consecutive input weights of a row gets its own scale and offset from its range,
-    s = (max - min) / 15 and z = min + 8 s; a weight is stored as q = round((w - min) / s) in 0..15
-    and read as (q - 8) · s + z. 4 bits per weight plus two float32 constants per group (with
-    groups of 64: 5 bits per weight).
+    s = (max - min) / 15 and z = min + 8 s; a weight is stored as q = round((w - z) / s) + 8 in
+    0..15 and read as (q - 8) · s + z. 4 bits per weight plus two bfloat16 constants per group (with
+    groups of 64: 4.5 bits per weight); bfloat16 is what the kernel reads, as in gpt-fast.
 
     Stored as the kernel reads it (`pack_int4`): the codes, two per byte, and the (groups, rows, 2)
     scales and offsets. Rows are padded to a multiple of 64 and inputs to a multiple of the group
@@ -253,26 +270,28 @@ class Int4Linear(KernelLinear):
         weight = F.pad(weight, (0, (-self.in_features) % group_size, 0, rows))
         groups = weight.view(weight.size(0), -1, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-6)  # (rows, groups)
-        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+        # s and z as stored (bfloat16), and the codes nearest to each weight on that grid.
+        scale = ((high - low) / 15).clamp(min=1e-6).to(KERNEL_DTYPE).float()  # (rows, groups)
+        zero = (low + 8 * scale).to(KERNEL_DTYPE).float()
+        codes = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
         self.register_buffer("weight_q", pack_int4(codes.view(weight.shape)))
-        zero = low + 8 * scale
-        scales_and_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (groups, rows, 2)
+        scales_and_zeros = torch.stack([scale, zero], -1).transpose(0, 1).to(KERNEL_DTYPE)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())  # (groups, rows, 2)
 
     def dequantized_weight(self) -> Tensor:
-        scale, zero = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (rows, groups) each
+        scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (rows, groups)
         codes = unpack_int4(self.weight_q).float()
         groups = codes.view(codes.size(0), -1, self.group_size)
         weight = ((groups - 8) * scale[..., None] + zero[..., None]).view(codes.shape)
         return weight[: self.out_features, : self.in_features].to(self.compute_dtype)
 
     def kernel(self, x: Tensor) -> Tensor:
-        x = F.pad(x, (0, self.weight_q.size(1) * 2 - self.in_features))
+        if self.weight_q.size(1) * 2 != self.in_features:
+            x = F.pad(x, (0, self.weight_q.size(1) * 2 - self.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.weight_q, self.group_size, self.scales_and_zeros.to(x.dtype).contiguous()
-        )
-        return y[:, : self.out_features]
+            x, self.weight_q, self.group_size, self.scales_and_zeros.to(KERNEL_DTYPE)
+        )  # .to: a no-op unless model.to(dtype) converted the constants
+        return y if y.size(1) == self.out_features else y[:, : self.out_features]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
