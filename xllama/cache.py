@@ -104,6 +104,19 @@ class Cache:
         self.pad: Tensor | None = None
         self.length = 0
 
+    def rollback(self, length: int) -> None:
+        """Forget every slot from `length` on (speculative decoding: drafted tokens the target
+        rejected); the next tokens are written from there."""
+        if self.rolling:
+            raise XLlamaError(
+                "a sliding-window (rolling) cache has overwritten the slots it would roll back to"
+            )
+        if not 0 <= length <= self.length:
+            raise XLlamaError(f"cannot roll a cache of {self.length} slots back to {length}")
+        for layer in self.layers:
+            layer.position = length
+        self.length = length
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (e.g. drop finished rows)."""
         for layer in self.layers:

@@ -33,6 +33,7 @@ from .convert import load_checkpoint
 from .model import XLlamaError
 from .quantize import KINDS, quantize_for_decoding
 from .sampling import check_sampling_args, generate
+from .speculative import speculative_generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="--quantize int4: input weights per scale and offset (default: 64)",
     )
+    parser.add_argument(
+        "--draft",
+        type=Path,
+        help="speculative decoding: a small model over the same tokens (any checkpoint the "
+        "project loads) proposes tokens that this model checks in one pass; the output is "
+        "distributed as this model's own (default: none)",
+    )
+    parser.add_argument(
+        "--speculate",
+        type=positive_int,
+        default=4,
+        help="with --draft: tokens the draft proposes per round (k) (default: 4)",
+    )
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end only")
     parser.add_argument(
         "--compile",
@@ -105,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_arguments(parser, training=False)
     return parser
+
+
+def same_tokens(a, b) -> bool:
+    """Whether two tokenizers give every id the same text (the draft and the target must)."""
+    if a.vocab_size != b.vocab_size:
+        return False
+    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
 
 
 class Streamer:
@@ -136,6 +157,18 @@ def main(argv=None) -> int:
     if args.adapter is not None:
         load_any_adapter(model, args.adapter)
         remove_lora(model)  # merged: decoding runs plain linear layers
+    draft = None
+    if args.draft is not None:
+        if args.compile:
+            raise XLlamaError("--compile applies to plain decoding; speculative decoding is eager")
+        draft, draft_tokenizer, _ = load_checkpoint(args.draft, args.tokenizer)
+        if not same_tokens(tokenizer, draft_tokenizer):
+            raise XLlamaError(
+                f"--draft {args.draft} uses another tokenizer than {args.checkpoint}: "
+                "speculation needs the same tokens"
+            )
+        draft = draft.to(device=device, dtype=dtype).eval()
+        draft.reset_rope_tables()
     if args.quantize != "none":
         quantize_for_decoding(model, args.quantize, args.group_size)
     model = model.to(device=device, dtype=dtype).eval()
@@ -157,18 +190,12 @@ def main(argv=None) -> int:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
     start = time.perf_counter()
-    new = generate(
-        model,
-        [ids],
-        n_new,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_at_eos=not args.no_stop_at_eos,
-        eos_id=tokenizer.eos_id,
-        on_token=stream,
-        compile=args.compile,
-    )[0]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    stop_at_eos=not args.no_stop_at_eos, eos_id=tokenizer.eos_id, on_token=stream)  # fmt: skip
+    if draft is None:
+        new = generate(model, [ids], n_new, compile=args.compile, **sampling)[0]
+    else:
+        new, stats = speculative_generate(model, draft, ids, n_new, k=args.speculate, **sampling)
     elapsed = time.perf_counter() - start
     if stream is None:
         sys.stdout.write(args.prompt + tokenizer.decode(new))
@@ -181,6 +208,12 @@ def main(argv=None) -> int:
         f"(prompt {len(ids)} tokens, {weight_bytes(model) / 1e6:.1f} MB of weights, {device})",
         file=sys.stderr,
     )
+    if draft is not None:
+        print(
+            f"speculative: {stats.rounds} target passes, {stats.accepted}/{stats.drafted} drafted "
+            f"tokens accepted ({stats.acceptance_rate:.0%}), k={args.speculate}",
+            file=sys.stderr,
+        )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sample.txt").write_text(args.prompt + tokenizer.decode(new) + "\n")

@@ -29,14 +29,12 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise XLlamaError(f"top_p must be in (0, 1], not {top_p}")
 
 
-def sample_next(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+def next_token_probs(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> Tensor:
-    """Next token per row from logits (batch, vocab): greedy at temperature 0, else sampled.
+    """The distribution (batch, vocab), float32, that `sample_next` draws from: the softmax of the
+    logits at `temperature`, restricted to the top k and to the nucleus; one-hot on the argmax at
+    temperature 0.
 
     Logits of any float dtype are read in float32. +inf counts as the largest float (the +inf tokens
     share the mass, or the greedy pick is the first of them), −inf is a token that cannot be drawn,
@@ -54,7 +52,7 @@ def sample_next(
         )
     logits = logits.clamp(max=torch.finfo(torch.float32).max)  # +inf -> the largest float
     if temperature == 0:
-        return logits.argmax(-1)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -67,6 +65,21 @@ def sample_next(
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token per row from logits (batch, vocab): greedy at temperature 0, else drawn from
+    `next_token_probs` (see there for top-k, top-p and non-finite logits)."""
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return probs.argmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
