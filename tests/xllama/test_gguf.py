@@ -1,0 +1,179 @@
+"""GGUF export read back with llama.cpp's own `gguf` reader (every tensor and metadata key), and, in
+a slow test, run by llama.cpp itself (`llama-cpp-python`): its logits and its tokenization
+against ours."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from transformer.vocabulary import BPE
+from xllama import Llama, XLlamaError
+from xllama.convert import permute_to_adjacent
+from xllama.export_gguf import byte_alphabet, export_gguf
+from xllama.tokenization import CharTokenizer
+from xllama.train import PRESETS
+
+gguf = pytest.importorskip("gguf")
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind.\n" * 30
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return BPE.train(TEXT, 300)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    config = replace(PRESETS["tiny"].model, vocab_size=320, rope_pairing="half", **overrides)
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def read(path):
+    reader = gguf.GGUFReader(str(path))
+    fields = {}
+    for name, field in reader.fields.items():
+        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+            if field.types[-1] == gguf.GGUFValueType.STRING:
+                fields[name] = [bytes(field.parts[i]).decode() for i in field.data]
+            else:
+                fields[name] = [field.parts[i].tolist()[0] for i in field.data]
+        elif field.types and field.types[0] == gguf.GGUFValueType.STRING:
+            fields[name] = bytes(field.parts[field.data[0]]).decode()
+        elif field.types:
+            fields[name] = field.parts[field.data[0]].tolist()[0]
+    tensors = {t.name: t for t in reader.tensors}
+    return fields, tensors
+
+
+def test_f32_export_reads_back_tensor_for_tensor(tokenizer, tmp_path):
+    model = tiny_model()
+    c = model.config
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    fields, tensors = read(path)
+    assert fields["general.architecture"] == "llama"
+    expected = {"llama.block_count": c.n_layers, "llama.embedding_length": c.dim,
+                "llama.feed_forward_length": c.hidden_dim, "llama.attention.head_count": c.n_heads,
+                "llama.attention.head_count_kv": c.kv_heads, "llama.context_length": c.max_seq_len,
+                "llama.rope.dimension_count": c.head_dim}  # fmt: skip
+    for key, value in expected.items():
+        assert fields[key] == value, key
+    assert fields["llama.rope.freq_base"] == pytest.approx(c.rope_theta)
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c.norm_eps)
+    state = model.state_dict()
+    # Every tensor, by llama.cpp's name; W_q, W_k back in Meta's adjacent pairing (our model is in
+    # the rotate-half pairing here).
+    ours = {"token_embd.weight": state["tok_embeddings.weight"],
+            "output_norm.weight": state["norm.weight"], "output.weight": state["output.weight"]}  # fmt: skip
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        ours |= {
+            f"blk.{i}.attn_q.weight": permute_to_adjacent(state[p + "attention.wq.weight"], c.n_heads),
+            f"blk.{i}.attn_k.weight": permute_to_adjacent(state[p + "attention.wk.weight"], c.kv_heads),
+            f"blk.{i}.attn_v.weight": state[p + "attention.wv.weight"],
+            f"blk.{i}.attn_output.weight": state[p + "attention.wo.weight"],
+            f"blk.{i}.attn_norm.weight": state[p + "attention_norm.weight"],
+            f"blk.{i}.ffn_norm.weight": state[p + "ffn_norm.weight"],
+            f"blk.{i}.ffn_gate.weight": state[p + "feed_forward.w1.weight"],
+            f"blk.{i}.ffn_down.weight": state[p + "feed_forward.w2.weight"],
+            f"blk.{i}.ffn_up.weight": state[p + "feed_forward.w3.weight"],
+        }  # fmt: skip
+    assert set(tensors) == set(ours)
+    for name, tensor in ours.items():
+        data = np.asarray(tensors[name].data).reshape(tuple(tensor.shape))
+        assert np.array_equal(data, tensor.numpy()), name
+    # The vocabulary: every token spelled in GPT-2's byte alphabet, merges in the order learned.
+    back = {ch: b for b, ch in byte_alphabet().items()}
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "llama-bpe"
+    for i in range(tokenizer.vocab_size):
+        if i not in tokenizer.special_ids:
+            assert bytes(back[ch] for ch in tokens[i]) == tokenizer.bpe.token_bytes(i)
+    assert len(tokens) == c.vocab_size  # the model's extra rows are unused tokens
+    merges = fields["tokenizer.ggml.merges"]
+    first = min(tokenizer.bpe.merges.items(), key=lambda kv: kv[1])[0]
+    assert merges[0] == " ".join(tokens[t] for t in first)
+    assert len(merges) == len(tokenizer.bpe.merges)
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_f16_and_q8_0_hold_the_weights_to_their_precision(tokenizer, tmp_path, kind):
+    model = tiny_model()
+    fields, tensors = read(export_gguf(model, tokenizer, tmp_path / f"{kind}.gguf", kind))
+    w = model.state_dict()["layers.0.attention.wv.weight"].numpy()
+    t = tensors["blk.0.attn_v.weight"]
+    values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+    if kind == "f16":
+        assert t.tensor_type == gguf.GGMLQuantizationType.F16
+        np.testing.assert_allclose(values, w, rtol=1e-3, atol=1e-6)
+    else:
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        step = np.abs(w.reshape(-1, 32)).max(1, keepdims=True) / 127  # the block's step d
+        # Half a step, plus the f16 rounding of d (2^-11 relative) times the largest code, 127.
+        assert (np.abs(values - w).reshape(-1, 32) <= step * (0.5 + 127 * 2**-11) + 1e-8).all()
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_experts_are_stacked_and_bad_models_are_refused(tokenizer, tmp_path):
+    model = tiny_model(n_experts=4, experts_per_token=2)
+    fields, tensors = read(export_gguf(model, tokenizer, tmp_path / "moe.gguf"))
+    assert fields["llama.expert_count"] == 4 and fields["llama.expert_used_count"] == 2
+    gate = tensors["blk.1.ffn_gate_exps.weight"]
+    expected = torch.stack([e.w1.weight for e in model.layers[1].feed_forward.experts]).detach()
+    assert np.array_equal(np.asarray(gate.data).reshape(expected.shape), expected.numpy())
+    with pytest.raises(XLlamaError, match="no tokenizer like this one"):
+        export_gguf(tiny_model(), CharTokenizer.from_text(TEXT), tmp_path / "c.gguf")
+    with pytest.raises(XLlamaError, match="not ALiBi"):
+        export_gguf(tiny_model(position="alibi"), tokenizer, tmp_path / "a.gguf")
+    assert not (tmp_path / "c.gguf").exists() and not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_llama_cpp_runs_the_export_with_our_logits_and_tokens(tokenizer, tmp_path, kind):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = tiny_model()
+    path = export_gguf(model, tokenizer, tmp_path / f"{kind}.gguf", kind)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    text = "whether 'tis nobler, To be"
+    ids = tokenizer.encode(text)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    diff = np.abs(theirs - ours).max()
+    print(f"{kind}: llama.cpp vs ours, max |logit difference| = {diff:.2e}")
+    assert diff <= (1e-3 if kind == "f32" else 5e-2)
+
+
+def test_export_command_writes_a_run_and_refuses_characters(tmp_path, capsys):
+    from transformer.training import run_command
+    from xllama.export_gguf import main as export_main
+    from xllama.train import main as train_main
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    common = ["--config", "tiny", "--device", "cpu", "--text", str(text), "--steps", "2"]
+    common += ["--max-seq-len", "32", "--sample-tokens", "0", "--eval-every", "0"]
+    assert train_main(common + ["--vocab-size", "300", "--out", str(tmp_path / "bpe")]) == 0
+    out = tmp_path / "bpe.gguf"
+    assert (
+        export_main(["--checkpoint", str(tmp_path / "bpe"), "--out", str(out), "--type", "f16"])
+        == 0
+    )
+    assert out.is_file() and gguf.GGUFReader(str(out)).fields["general.architecture"]
+    assert train_main(common + ["--tokenizer", "char", "--out", str(tmp_path / "char")]) == 0
+    capsys.readouterr()
+    code = run_command(export_main, ["--checkpoint", str(tmp_path / "char"), "--out",
+                                     str(tmp_path / "char.gguf")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "llama.cpp has no tokenizer like this one" in err[0]
