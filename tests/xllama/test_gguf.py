@@ -137,7 +137,7 @@ def test_experts_are_stacked_and_bad_models_are_refused(tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["f32"])  # q8_0: see the xllama README (llama.cpp crashed here)
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
 def test_llama_cpp_runs_the_export_with_our_logits_and_tokens(tokenizer, tmp_path, kind):
     llama_cpp = pytest.importorskip("llama_cpp")
     model = tiny_model()
@@ -152,7 +152,7 @@ def test_llama_cpp_runs_the_export_with_our_logits_and_tokens(tokenizer, tmp_pat
         ours = model(torch.tensor([ids]))[0].numpy()
     diff = np.abs(theirs - ours).max()
     print(f"{kind}: llama.cpp vs ours, max |logit difference| = {diff:.2e}")
-    assert diff <= (1e-3 if kind == "f32" else 5e-2)
+    assert diff <= (1e-3 if kind == "f32" else 5e-2)  # q8_0: its own rounding (4.2e-3 here)
 
 
 def test_export_command_writes_a_run_and_refuses_characters(tmp_path, capsys):
