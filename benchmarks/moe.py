@@ -55,8 +55,7 @@ def expert_usage(model: Llama, ids: torch.Tensor, windows: int = 64) -> torch.Te
     rows = []
     for layer in model.modules():
         if isinstance(layer, MoEFeedForward):
-            chosen = layer.router_logits.topk(layer.top_k, dim=-1).indices.flatten()
-            rows.append(torch.bincount(chosen, minlength=len(layer.experts)) / chosen.numel())
+            rows.append(layer.expert_load / layer.expert_load.sum())
     return torch.stack(rows)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tokenizer import BPETokenizer, embedded_corpus  # noqa: E402
+from tokenizer import BPETokenizer, bytes_to_unicode, embedded_corpus  # noqa: E402
 from tokenizer.learn import naive_merge_steps, naive_merges  # noqa: E402
 from tokenizer.pretokenize import PATTERNS, make_splitter  # noqa: E402
 
@@ -143,23 +143,6 @@ def naive_estimate(text: str, vocab_size: int, ours: BPETokenizer, steps: int = 
 
 # ---------------------------------------------------------------------------------------------
 # Encoders on cl100k_base ranks
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in character for each byte (HF's ByteLevel alphabet)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def hf_from_ranks(ours: BPETokenizer):

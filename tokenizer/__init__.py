@@ -23,6 +23,7 @@ from tokenizer.errors import (
     UnknownPatternError,
     VocabSizeError,
 )
+from tokenizer.fileformat import bytes_to_unicode
 from tokenizer.model import BPETokenizer
 from tokenizer.pretokenize import PATTERNS
 from tokenizer.spm import SentencePieceTokenizer, train_sentencepiece
@@ -36,6 +37,7 @@ __all__ = [
     "train_wordpiece",
     "WordPieceError",
     "PATTERNS",
+    "bytes_to_unicode",
     "embedded_corpus",
     "read_text_file",
     "read_tokens",

@@ -203,3 +203,18 @@ def render_bytes(token: bytes) -> str:
         else ch
         for ch in text
     )
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte (HF's ByteLevel alphabet, llama.cpp's
+    `gpt2` vocabularies): the printable Latin-1 bytes stand for themselves, the other 68 take the
+    code points from 256 up, in byte order. Files that spell byte-level tokens as text use it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet

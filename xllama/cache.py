@@ -138,15 +138,6 @@ def attention_inputs(
     tables are then sliced rather than gathered. Masks are True where a query may attend.
     `alibi`: the heads' slopes, for a bias -m·(i - j) between query slot i and key slot j.
     """
-    positions, start, mask, is_causal, query_slots, key_slots = _attention_inputs(
-        config, tokens, attention_mask, positions, cache
-    )
-    bias = None if alibi is None else alibi_bias(alibi, query_slots, key_slots)
-    return positions, start, mask, is_causal, bias
-
-
-def _attention_inputs(config, tokens, attention_mask, positions, cache):
-    """`attention_inputs`, with the query and key slots instead of the bias."""
     T = tokens.size(1)
     device = tokens.device
     window = config.sliding_window
@@ -156,17 +147,21 @@ def _attention_inputs(config, tokens, attention_mask, positions, cache):
         if bool(valid.all()):
             valid = None
 
+    def bias(query_slots, key_slots):
+        return None if alibi is None else alibi_bias(alibi, query_slots, key_slots)
+
     if cache is None:
         if valid is not None and positions is None:
             positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        if valid is None and window is None:  # the fused causal kernel
+            slots = None if alibi is None else torch.arange(T, device=device)
+            return positions, 0, None, True, bias(slots, slots)
         slots = torch.arange(T, device=device)
-        if valid is None and window is None:
-            return positions, 0, None, True, slots, slots  # the fused causal kernel
         mask = slot_mask(slots, slots, window)[None, None]  # (1, 1, T, T)
         if valid is not None:
             diagonal = torch.eye(T, dtype=torch.bool, device=device)
             mask = (mask & valid[:, None, None, :]) | diagonal
-        return positions, 0, mask, False, slots, slots
+        return positions, 0, mask, False, bias(slots, slots)
 
     start = cache.length
     if start + T > cache.max_len:
@@ -181,24 +176,26 @@ def _attention_inputs(config, tokens, attention_mask, positions, cache):
         cache.pad = (~valid).sum(1)
         cache.key_valid[:, :T] = valid
     cache.length = start + T
-    if positions is None and cache.pad is not None:
-        slots = torch.arange(start, start + T, device=device)
-        positions = (slots[None] - cache.pad[:, None]).clamp(min=0)
-    padded = cache.pad is not None
     query_slots = torch.arange(start, start + T, device=device)
+    if positions is None and cache.pad is not None:
+        positions = (query_slots[None] - cache.pad[:, None]).clamp(min=0)
+    padded = cache.pad is not None
+    sees_every_key = T == 1 and not padded and (not cache.rolling or start + 1 >= window)
+    if sees_every_key and alibi is None:  # one decoding step: no mask, no key slots needed
+        return positions, start, None, False, None
     if cache.rolling:
         key_slots = cache.layers[0].key_slots(T, device)
     else:
         key_slots = torch.arange(start + T, device=device)
-    if T == 1 and not padded and (not cache.rolling or start + 1 >= window):
-        return positions, start, None, False, query_slots, key_slots  # sees every cached key
+    if sees_every_key:
+        return positions, start, None, False, bias(query_slots, key_slots)
     mask = slot_mask(query_slots, key_slots, window)[None, None]
     if padded:
         key_valid = cache.key_valid[:, key_slots.clamp(min=0)]
         mask = mask & key_valid[:, None, None, :]
         # Padding queries see themselves only, so their (unused) rows never softmax over nothing.
         mask = mask | (query_slots[:, None] == key_slots[None, :])
-    return positions, start, mask, False, query_slots, key_slots
+    return positions, start, mask, False, bias(query_slots, key_slots)
 
 
 def slot_mask(query_slots: Tensor, key_slots: Tensor, window: int | None) -> Tensor:

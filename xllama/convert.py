@@ -14,6 +14,7 @@ its inverse; loaders keep a checkpoint's own pairing unless asked for the other 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from transformer.lora import LoRAConfig, LoRALinear, remove_lora
-from transformer.quantize import dequantize_model, quantize_model
+from transformer.quantize import QuantizedLinear, dequantize_model, quantize_model
 from transformer.training import (
     CheckpointError,
     check_checkpoint,
@@ -316,6 +317,15 @@ def convert_pairing(model: Llama, to: str) -> Llama:
     return fill_model(_empty_model(config), state, "converted model")
 
 
+def float_state_dict(model: Llama) -> dict[str, Tensor]:
+    """The model's weights in our names, with int8/int4/NF4 layers dequantised (on a copy): what
+    the exporters write."""
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        model = copy.deepcopy(model)
+        dequantize_model(model)
+    return model.state_dict()
+
+
 def export_hf(model: Llama, directory: Path) -> Path:
     """Write `config.json` + `model.safetensors` that Hugging Face loads as `LlamaForCausalLM`, or
     `MistralForCausalLM` (sliding window) or `MixtralForCausalLM` (experts)."""
@@ -324,7 +334,7 @@ def export_hf(model: Llama, directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
-    state = change_pairing(model.state_dict(), config, "half")
+    state = change_pairing(float_state_dict(model), config, "half")
     names = hf_names(config)
     tensors = {names[k]: v.detach().contiguous().float() for k, v in state.items() if k in names}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenizer import bytes_to_unicode
 from transformer.training import CommandParser, run_command
 
-from .convert import change_pairing, load_checkpoint
+from .convert import change_pairing, float_state_dict, load_checkpoint
 from .model import Llama, XLlamaError
 
 TYPES = ("f32", "f16", "q8_0")
@@ -60,26 +61,12 @@ TOP_NAMES = {
 }
 
 
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte: the printable Latin-1 bytes stand for themselves,
-    the other 68 take the code points from 256 up, in byte order. llama.cpp's `gpt2` vocabularies
-    spell tokens and merges in it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    alphabet, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            alphabet[b] = chr(b)
-        else:
-            alphabet[b] = chr(256 + extra)
-            extra += 1
-    return alphabet
-
-
 def gguf_tensors(model: Llama) -> dict[str, torch.Tensor]:
-    """{llama.cpp name: float32 tensor}, W_q and W_k in the adjacent rotary pairing."""
+    """{llama.cpp name: float32 tensor}, W_q and W_k in the adjacent rotary pairing (quantised
+    layers dequantised)."""
     c = model.config
     state = change_pairing(
-        {k: v.detach().float() for k, v in model.state_dict().items()}, c, "adjacent"
+        {k: v.detach().float() for k, v in float_state_dict(model).items()}, c, "adjacent"
     )
     tensors = {}
     for ours, theirs in TOP_NAMES.items():
@@ -130,7 +117,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
                 "the BPE split pattern has no llama.cpp pre-tokenizer; GGUF export knows "
                 f"{', '.join(PRE_TOKENIZERS)}"
             )
-        alphabet = byte_alphabet()
+        alphabet = bytes_to_unicode()
         spell = lambda token: "".join(alphabet[b] for b in token)  # noqa: E731
         specials = {i: s for s, i in (bpe.special_tokens or {}).items()}
         tokens, scores, types = [], [], []

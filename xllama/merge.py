@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from transformer.lora import remove_lora
+from transformer.quantize import dequantize_model
 from transformer.training import CommandParser, run_command, save_checkpoint
 
 from .adapters import load_any_adapter
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
         raise XLlamaError(
             f"{args.checkpoint} has a {quantized}-quantised base: merging needs --dequantize"
         )
+    dequantize_model(model)  # a model quantised for decoding (a QLoRA run's base already is)
     if args.adapter is not None:
         load_any_adapter(model, args.adapter)
     remove_lora(model)

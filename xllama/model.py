@@ -235,8 +235,9 @@ class MoEFeedForward(nn.Module):
     expert, so each expert runs once, on one contiguous slice of its tokens; the weighted outputs
     are added back to their tokens with `index_add_`. No loop over tokens.
 
-    The router logits of the last forward stay in `router_logits` (tokens, n_experts) for the
-    training losses (`router_losses`). Parameter names follow Mistral's reference code
+    The router logits of the last forward stay in `router_logits` (tokens, n_experts), and the
+    number of (token, expert) pairs each expert received in `expert_load` (n_experts,), for the
+    training losses and usage statistics (`router_losses`). Parameter names follow Mistral's reference code
     (`feed_forward.gate`, `feed_forward.experts.E.w1`).
     """
 
@@ -246,19 +247,20 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(n_experts))
         self.top_k, self.dropout = top_k, dropout
         self.router_logits: Tensor | None = None
+        self.expert_load: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (tokens, dim)
         logits = self.gate(x)  # (tokens, n_experts)
-        self.router_logits = logits
         top_logits, chosen = logits.topk(self.top_k, dim=-1)  # (tokens, k)
         weights = torch.softmax(top_logits.float(), dim=-1).type_as(x)
-        # Group the (token, expert) pairs by expert: expert e's are the e-th slice, counts[e] long.
+        load = torch.bincount(chosen.flatten(), minlength=len(self.experts))
+        self.router_logits, self.expert_load = logits, load
+        # Group the (token, expert) pairs by expert: expert e's are the e-th slice, load[e] long.
         order = chosen.flatten().argsort(stable=True)
         tokens = order // self.top_k
-        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        grouped = x[tokens].split(counts)
+        grouped = x[tokens].split(load.tolist())
         # In training every expert runs, an idle one on zero rows, so that all take part in the
         # backward pass (as DistributedDataParallel expects); in eval idle experts are skipped.
         outputs = [
@@ -287,16 +289,10 @@ def router_losses(model: nn.Module, all_reduce=None) -> tuple[Tensor, Tensor, Te
     if not layers or any(m.router_logits is None for m in layers):
         raise XLlamaError("router_losses needs a forward pass of a mixture-of-experts model")
     logits = [m.router_logits.float() for m in layers]
-    with torch.no_grad():  # f_i: each layer's share of tokens routed to expert i
-        f = torch.stack(
-            [
-                torch.bincount(x.topk(m.top_k, dim=-1).indices.flatten(), minlength=x.size(-1))
-                / x.size(0)
-                for m, x in zip(layers, logits)
-            ]
-        ).float()
-        if all_reduce is not None:
-            f = all_reduce(f)
+    # f_i: each layer's share of tokens routed to expert i (counts: no gradient)
+    f = torch.stack([m.expert_load / m.router_logits.size(0) for m in layers]).float()
+    if all_reduce is not None:
+        f = all_reduce(f)
     p = torch.stack([torch.softmax(x, dim=-1).mean(0) for x in logits])  # P_i
     balance = (f.size(-1) * (f * p).sum(-1)).mean()
     z_loss = torch.stack([torch.logsumexp(x, dim=-1).square().mean() for x in logits]).mean()

@@ -15,6 +15,7 @@ from tokenizer import (
     TokenizerFileError,
     UnknownPatternError,
     VocabSizeError,
+    bytes_to_unicode,
     embedded_corpus,
 )
 from tokenizer.learn import learn_merges, naive_merges
@@ -265,3 +266,17 @@ def test_untrained_tokenizer_is_bytes():
     assert tokenizer.vocab_size == 256
     assert tokenizer.encode("hé") == [104, 0xC3, 0xA9]
     assert "gpt4" in repr(tokenizer)
+
+
+def test_bytes_to_unicode_is_the_byte_level_alphabet_of_hf_tokenizers():
+    """GPT-2's printable stand-ins for the 256 bytes, against HF `tokenizers`' ByteLevel
+    pre-tokenizer (which spells byte 32, the space, as "Ġ", byte 10 as "Ċ")."""
+    pre_tokenizers = pytest.importorskip("tokenizers.pre_tokenizers")
+    alphabet = bytes_to_unicode()
+    assert sorted(alphabet.values()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    text = bytes(range(256)).decode("latin-1")
+    pieces = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(
+        text
+    )
+    theirs = "".join(piece for piece, _ in pieces)
+    assert theirs == "".join(alphabet[b] for b in text.encode("utf-8"))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from tokenizer import bytes_to_unicode
 from transformer.vocabulary import BPE
 from xllama import Llama, XLlamaError
-from xllama.convert import permute_to_adjacent
-from xllama.export_gguf import byte_alphabet, export_gguf
+from xllama.export_gguf import export_gguf
 from xllama.tokenization import CharTokenizer
 from xllama.train import PRESETS
 
@@ -34,6 +34,18 @@ def tiny_model(**overrides):
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def to_adjacent(weight, n_heads):
+    """Rows of W_q / W_k from the rotate-half pairing to Meta's adjacent one, row by row: inside
+    each head, rows i and i + d/2 (a rotate-half pair) become rows 2i and 2i + 1."""
+    d = weight.shape[0] // n_heads
+    out = torch.empty_like(weight)
+    for h in range(n_heads):
+        for i in range(d // 2):
+            out[h * d + 2 * i] = weight[h * d + i]
+            out[h * d + 2 * i + 1] = weight[h * d + i + d // 2]
+    return out
 
 
 def read(path):
@@ -75,8 +87,8 @@ def test_f32_export_reads_back_tensor_for_tensor(tokenizer, tmp_path):
     for i in range(c.n_layers):
         p = f"layers.{i}."
         ours |= {
-            f"blk.{i}.attn_q.weight": permute_to_adjacent(state[p + "attention.wq.weight"], c.n_heads),
-            f"blk.{i}.attn_k.weight": permute_to_adjacent(state[p + "attention.wk.weight"], c.kv_heads),
+            f"blk.{i}.attn_q.weight": to_adjacent(state[p + "attention.wq.weight"], c.n_heads),
+            f"blk.{i}.attn_k.weight": to_adjacent(state[p + "attention.wk.weight"], c.kv_heads),
             f"blk.{i}.attn_v.weight": state[p + "attention.wv.weight"],
             f"blk.{i}.attn_output.weight": state[p + "attention.wo.weight"],
             f"blk.{i}.attn_norm.weight": state[p + "attention_norm.weight"],
@@ -90,7 +102,7 @@ def test_f32_export_reads_back_tensor_for_tensor(tokenizer, tmp_path):
         data = np.asarray(tensors[name].data).reshape(tuple(tensor.shape))
         assert np.array_equal(data, tensor.numpy()), name
     # The vocabulary: every token spelled in GPT-2's byte alphabet, merges in the order learned.
-    back = {ch: b for b, ch in byte_alphabet().items()}
+    back = {ch: b for b, ch in bytes_to_unicode().items()}
     tokens = fields["tokenizer.ggml.tokens"]
     assert fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.ggml.pre"] == "llama-bpe"

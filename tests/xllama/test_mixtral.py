@@ -14,10 +14,21 @@ from xllama.convert import export_hf, load_hf
 from xllama.model import MoEFeedForward, XLlamaError, router_losses
 from xllama.sampling import generate
 
+from .test_convert import hf_greedy
+
 transformers = pytest.importorskip("transformers")
 
 
-def _perturb_norms(model):
+# The shape every model here shares (HF's config names).
+SHAPE = dict(
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+    max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500.0, attn_implementation="eager",
+)  # fmt: skip
+
+
+def _build(config_class, model_class, **fields):
+    torch.manual_seed(0)
+    model = model_class(config_class(hidden_size=32, **SHAPE, **fields))
     with torch.no_grad():  # norms start at 1: perturb them so a swapped norm would show
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -26,48 +37,14 @@ def _perturb_norms(model):
 
 
 def hf_mistral(window=4):
-    torch.manual_seed(0)
-    config = transformers.MistralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        rope_theta=500.0,
-        sliding_window=window,
-        attn_implementation="eager",
-    )
-    return _perturb_norms(transformers.MistralForCausalLM(config))
+    return _build(transformers.MistralConfig, transformers.MistralForCausalLM,
+                  intermediate_size=64, sliding_window=window)  # fmt: skip
 
 
 def hf_mixtral(window=None, experts=4, top_k=2):
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        rope_theta=500.0,
-        sliding_window=window,
-        num_local_experts=experts,
-        num_experts_per_tok=top_k,
-        attn_implementation="eager",
-    )
-    return _perturb_norms(transformers.MixtralForCausalLM(config))
-
-
-def hf_greedy(model, prompt, n):
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
-    )
-    return out[0, len(prompt) :].tolist()
+    return _build(transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                  intermediate_size=48, sliding_window=window, num_local_experts=experts,
+                  num_experts_per_tok=top_k)  # fmt: skip
 
 
 MODELS = {

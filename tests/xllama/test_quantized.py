@@ -64,3 +64,29 @@ def test_generate_quantizes_on_the_fly_and_mistakes_are_one_line(run, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "already quantised" in err[0]
+
+
+def test_quantized_checkpoint_exports_and_merges_as_float(run):
+    """The exporters write dequantised weights of a checkpoint quantised for decoding, never its
+    packed buffers: HF and GGUF files with every tensor, equal to the dequantised layers."""
+    from xllama.convert import export_hf, load_hf
+    from xllama.export_gguf import gguf_tensors
+    from xllama.merge import main as merge_main
+
+    out = run / "q-export"
+    assert (
+        quantize_main(["--checkpoint", str(run / "run"), "--kind", "int8", "--out", str(out)]) == 0
+    )
+    model, tokenizer, _ = load_checkpoint(out)
+    expected = model.layers[0].attention.wv.dequantized_weight()
+    assert merge_main(["--checkpoint", str(out), "--dequantize", "--format", "hf",
+                       "--out", str(run / "q-hf")]) == 0  # fmt: skip
+    reloaded = load_hf(run / "q-hf")
+    assert torch.equal(reloaded.layers[0].attention.wv.weight, expected)
+    export_hf(model, run / "q-hf-direct")  # the exporter itself, on the quantised model
+    assert torch.equal(load_hf(run / "q-hf-direct").layers[0].attention.wv.weight, expected)
+    tokens = torch.tensor([tokenizer.encode("To be")])
+    with torch.no_grad():  # the quantised model's kernel runs in bfloat16: close, not equal
+        torch.testing.assert_close(reloaded(tokens), model(tokens), atol=0.05, rtol=0.05)
+    tensors = gguf_tensors(model)  # what export_gguf writes, by llama.cpp's names
+    assert len(tensors) == 2 * 9 + 3 and torch.equal(tensors["blk.0.attn_v.weight"], expected)
