@@ -205,3 +205,36 @@ def test_configs_written_before_a_field_was_added_still_load():
     del old["d_model"]
     with pytest.raises(ConfigError, match="missing d_model"):
         config_from_dict(TransformerConfig, old, "old.json")
+
+
+def test_the_best_validation_checkpoint_is_kept_and_survives_resume(tmp_path):
+    from transformer.training import TrainingRun
+    from transformer.training.run import list_checkpoints
+
+    model = torch.nn.Linear(3, 2)
+    run = TrainingRun(tmp_path / "run", "toy", {"d": 3}, {}, model, keep_last=1)
+    val_losses = [3.0, 2.0, 2.5, 1.5, 1.7, float("nan")]
+    weights_at = {}
+    for step, val in enumerate(val_losses):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights_at[step + 1] = model.weight.clone()
+        run.keep_best(step, val)
+        run.save(step + 1)
+    # The lowest finite loss (1.5, after step 4), its weights, in an ordinary loadable checkpoint.
+    assert run.best == {"step": 4, "val_loss": 1.5}
+    best = tmp_path / "run" / "checkpoints" / "best"
+    assert check_checkpoint(best, "toy", {"d": 3})["best"] == {"step": 4, "val_loss": 1.5}
+    fresh = torch.nn.Linear(3, 2)
+    load_weights(best, fresh)
+    assert torch.equal(fresh.weight, weights_at[4])
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000006"]  # not pruned
+    # Resuming restores the record: a worse loss does not replace it, a better one does.
+    resumed_model = torch.nn.Linear(3, 2)
+    resumed = TrainingRun(tmp_path / "run", "toy", {"d": 3}, {}, resumed_model,
+                          resume=tmp_path / "run")  # fmt: skip
+    assert resumed.best == {"step": 4, "val_loss": 1.5}
+    assert not resumed.keep_best(6, 1.6)
+    assert resumed.load_best() == {"step": 4, "val_loss": 1.5}
+    assert torch.equal(resumed_model.weight, weights_at[4])
+    assert resumed.keep_best(7, 1.2) and resumed.best == {"step": 8, "val_loss": 1.2}

@@ -82,6 +82,26 @@ def test_bpe_default_path_trains_a_tokenizer(tmp_path, text_file, capsys):
     assert generate_main(["--checkpoint", str(run), "--prompt", "To", "--max-new-tokens", "4"]) == 0
 
 
+def test_the_run_keeps_and_reports_its_best_validation_checkpoint(tmp_path, text_file, capsys):
+    run = tmp_path / "run"
+    args = TINY + ["--text", str(text_file), "--tokenizer", "char", "--steps", "12"]
+    args += ["--eval-every", "3", "--lr", "3e-2", "--out", str(run), "--max-seq-len", "16"]
+    assert train_main(args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["val_loss"], r["step"]) for r in rows if "val_loss" in r]
+    evals.append((rows[-1]["final_val_loss"], 12))
+    best_loss, best_step = min(evals, key=lambda e: e[0])  # the first of equal losses
+    assert (rows[-1]["best_val_loss"], rows[-1]["best_step"]) == (best_loss, best_step)
+    report = capsys.readouterr().out
+    assert (
+        f"best validation loss {best_loss:.4f} = " in report and f"at step {best_step} (" in report
+    )
+    model, config = load_ours(run / "checkpoints" / "best")
+    assert config["best"] == {"step": best_step, "val_loss": best_loss}
+    assert generate_main(["--checkpoint", str(run / "checkpoints" / "best"), "--prompt", "To",
+                          "--max-new-tokens", "4"]) == 0  # fmt: skip
+
+
 def test_token_file_with_wrong_dtype_is_one_clear_line(tmp_path, capsys):
     from tokenizer import data
 

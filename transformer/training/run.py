@@ -15,7 +15,9 @@ are the same everywhere:
     run.save(total_steps, data_state)
 
 The run directory holds `config.json`, `metrics.jsonl` and `checkpoints/step_NNNNNNN/`, with
-`checkpoints/latest` naming the newest. Only rank 0 writes; every rank restores. The promises:
+`checkpoints/latest` naming the newest, and `checkpoints/best/`: the weights of the lowest
+validation loss so far (`run.keep_best(step, val_loss)` after each evaluation, as nanoGPT keeps
+its best `ckpt.pt`), an ordinary checkpoint without training state. Only rank 0 writes; every rank restores. The promises:
 
 - One owner: the main process locks the directory (`.lock`, an `flock` that dies with its process,
   so a crashed run's lock is simply taken over) for as long as it lives; a second process is refused
@@ -66,6 +68,7 @@ from .runtime import Distributed
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)(?:\.(\d+))?")
 LOCK_FILE = ".lock"
+BEST = "best"  # checkpoints/best: the lowest validation loss so far
 
 
 class NonFiniteError(UserError):
@@ -227,6 +230,7 @@ class TrainingRun:
         self.start_step = 0
         self.data_state: dict | None = None
         self.last_checkpoint: Path | None = None
+        self.best: dict | None = None  # {"step", "val_loss"} of checkpoints/best
         self.metrics_lines = 0
         self._interrupted = False
         self._progress = None
@@ -248,6 +252,7 @@ class TrainingRun:
         set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         self.start_step = int(state["step"])
         self.data_state = state.get("data")
+        self.best = state.get("best")
         self.last_checkpoint = checkpoint
         if self.dist.is_main:
             self._restore_metrics(checkpoint, state.get("metrics_lines"))
@@ -373,6 +378,7 @@ class TrainingRun:
                 "rng": rng,
                 "data": data_state or {},
                 "metrics_lines": self.metrics_lines,
+                "best": self.best,
             }
             if self.optimizer is not None:
                 state["optimizer"] = self.optimizer.state_dict()
@@ -387,6 +393,34 @@ class TrainingRun:
         self.dist.barrier()
         self.last_checkpoint = path
         return path
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out / "checkpoints" / BEST
+
+    def keep_best(self, step: int, val_loss: float) -> bool:
+        """After an evaluation at the end of step `step`: if `val_loss` is the lowest so far, write
+        the weights to `checkpoints/best` (atomically; its config.json says the step and the loss).
+        Every rank calls it with the same loss; rank 0 writes. Returns whether the loss improved.
+
+        A run that goes on past its best point keeps training (and its `latest` checkpoint), but
+        the model it is judged by is this one, as in nanoGPT.
+        """
+        if not math.isfinite(val_loss) or (
+            self.best is not None and not val_loss < self.best["val_loss"]
+        ):
+            return False
+        self.best = {"step": step + 1, "val_loss": float(val_loss)}
+        if self.dist.is_main:
+            save_checkpoint(self.best_checkpoint, self.model, {**self.config, "best": self.best})
+        self.dist.barrier()
+        return True
+
+    def load_best(self) -> dict | None:
+        """Put the weights of `checkpoints/best` into the model; returns its step and loss."""
+        if self.best is not None:
+            load_weights(self.best_checkpoint, self.model)
+        return self.best
 
     def checkpoints(self) -> list[Path]:
         """The run's step checkpoints, oldest first."""
