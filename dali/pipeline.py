@@ -209,3 +209,19 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, sampler: str, steps: 
         "clipped x̂₀); --no-ddim-clip-x0 uses the raw prediction of Song et al.'s "
         "Eq. 12, slightly better on a well-trained network, far worse on an undertrained one",
     )
+
+
+def requested_labels(label: str | None, n: int, num_classes: int) -> torch.Tensor | None:
+    """--class as one label per sample: None, every sample of one class, or ('all') the classes in
+    turn, n // num_classes consecutive samples each (one row of the grid per class)."""
+    if label is None:
+        return None
+    if not num_classes:
+        raise DaliError("--class needs a class-conditional model (trained with --num-classes)")
+    if label == "all":
+        return torch.arange(n) // max(1, n // num_classes) % num_classes
+    try:
+        value = int(label)
+    except ValueError:
+        raise DaliError(f"--class must be a class number or 'all', got {label!r}") from None
+    return torch.full((n,), value)

@@ -8,7 +8,9 @@ penultimate-layer activations as features, and report
   d² = ‖μ₁ - μ₂‖² + Tr(Σ₁ + Σ₂ - 2 (Σ₁ Σ₂)^{1/2}),
 - the floor: the same distance between two disjoint real samples of the same size (the estimator is
   biased upwards for finite samples, so "close to the floor" is the meaningful target),
-- the classifier's label distribution over the samples (are all classes produced?).
+- the classifier's label distribution over the samples (are all classes produced?), the fraction
+  it classifies with confidence ≥ 0.9 (a sample a person reads as a digit), and, for samples of
+  requested classes, the fraction classified as the class asked for.
 
 `evaluate_samples` takes any feature extractor (a callable images -> (N, D) features), so true FID
 is `evaluate_samples(samples, real, inception_pool3_features)` for a user who has the weights.
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+CONFIDENT = 0.9  # a sample counts as readable when the classifier gives one class this much
 
 
 # -- the Fréchet distance -------------------------------------------------------------------------
@@ -150,6 +154,10 @@ class QualityReport:
     """How many generated samples the classifier assigns to each class."""
     classifier_accuracy: float | None = None
     """Held-out accuracy of the classifier whose features are used."""
+    confident: float | None = None
+    """Fraction of samples the classifier assigns to one class with probability ≥ 0.9."""
+    requested_accuracy: float | None = None
+    """Fraction of samples classified as the class they were generated for (conditional models)."""
 
     @property
     def ratio(self) -> float:
@@ -168,6 +176,10 @@ class QualityReport:
                 f"classes among samples ({present}/{len(self.label_counts)} present): "
                 + " ".join(f"{k}:{c}" for k, c in enumerate(self.label_counts))
             )
+        if self.confident is not None:
+            out.append(f"samples classified with confidence ≥ {CONFIDENT}: {self.confident:.1%}")
+        if self.requested_accuracy is not None:
+            out.append(f"samples classified as the requested class: {self.requested_accuracy:.1%}")
         if self.classifier_accuracy is not None:
             out.append(f"feature classifier held-out accuracy: {self.classifier_accuracy:.3f}")
         return out
@@ -180,6 +192,8 @@ class QualityReport:
             "n": self.n,
             "label_counts": self.label_counts,
             "classifier_accuracy": self.classifier_accuracy,
+            "confident": self.confident,
+            "requested_accuracy": self.requested_accuracy,
         }
 
 
@@ -190,13 +204,15 @@ def evaluate_samples(
     classify: Callable[[Tensor], Tensor] | None = None,
     seed: int = 0,
     device="cpu",
+    requested: Tensor | None = None,
 ) -> QualityReport:
     """Distance of `samples` to `real` in the space of `features`, and the real-vs-real floor.
 
     Both distances use n = min(len(samples), len(real) // 2) images per side: the real images are
     shuffled with `seed` and split into two disjoint halves A and B; the distance is samples vs A,
     the floor A vs B. `classify` (images -> logits), if given, gives the label distribution over all
-    samples."""
+    samples, the fraction classified with confidence ≥ 0.9 and, with `requested` (the class each
+    sample was generated for), the fraction classified as that class."""
     n = min(len(samples), len(real) // 2)
     if n < 2:
         raise ValueError(
@@ -207,13 +223,13 @@ def evaluate_samples(
     f_gen = batched(features, samples[:n], device).double().numpy()
     f_a = batched(features, real_a, device).double().numpy()
     f_b = batched(features, real_b, device).double().numpy()
-    label_counts = None
-    if classify is not None:
-        logits = batched(classify, samples, device)
-        label_counts = torch.bincount(logits.argmax(1), minlength=logits.size(1)).tolist()
-    return QualityReport(
-        frechet_distance_of_features(f_gen, f_a),
-        frechet_distance_of_features(f_a, f_b),
-        n,
-        label_counts,
+    report = QualityReport(
+        frechet_distance_of_features(f_gen, f_a), frechet_distance_of_features(f_a, f_b), n
     )
+    if classify is not None:
+        probs = batched(classify, samples, device).float().softmax(1)
+        report.label_counts = torch.bincount(probs.argmax(1), minlength=probs.size(1)).tolist()
+        report.confident = float((probs.max(1).values >= CONFIDENT).float().mean())
+        if requested is not None:
+            report.requested_accuracy = float((probs.argmax(1) == requested.cpu()).float().mean())
+    return report

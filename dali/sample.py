@@ -36,7 +36,7 @@ from transformer.training import (
 )
 
 from .data import DaliError, save_grid, to_uint8
-from .pipeline import add_sampler_arguments, generate, load_ddpm
+from .pipeline import add_sampler_arguments, generate, load_ddpm, requested_labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,22 +147,6 @@ def main(argv=None) -> int:
         np.savez_compressed(args.save_npz, images=to_uint8(samples), samples=samples.numpy())
         print(f"raw samples -> {args.save_npz}")
     return 0
-
-
-def requested_labels(label: str | None, n: int, num_classes: int) -> torch.Tensor | None:
-    """--class as one label per sample: None, every sample of one class, or ('all') the classes in
-    turn, n // num_classes consecutive samples each (one row of the grid per class)."""
-    if label is None:
-        return None
-    if not num_classes:
-        raise DaliError("--class needs a class-conditional model (trained with --num-classes)")
-    if label == "all":
-        return torch.arange(n) // max(1, n // num_classes) % num_classes
-    try:
-        value = int(label)
-    except ValueError:
-        raise DaliError(f"--class must be a class number or 'all', got {label!r}") from None
-    return torch.full((n,), value)
 
 
 def cli() -> None:

@@ -1,12 +1,13 @@
 """Classifier-free guidance (Ho & Salimans 2022): the class-conditional U-Net, Eq. 6 in the
 samplers against the two network calls written out, label dropout in training, the commands."""
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
-from dali import sample, train
+from dali import evaluate, sample, train
 from dali.diffusion import DiffusionConfig
 from dali.model import UNet, UNetConfig
 from dali.pipeline import DDPM, generate
@@ -73,6 +74,16 @@ def test_conditional_training_and_sampling_commands(tmp_path, capsys):
         == 0
     )
     assert grid.is_file()
+    # The guidance sweep of dali.evaluate: one report per weight, the same noise and labels.
+    sweep = tmp_path / "sweep.json"
+    assert run_command(evaluate.main, ["--checkpoint", str(run), "--n", "20", "--steps", "3",
+                                       "--class", "all", "--guidance", "0", "2",
+                                       "--out", str(sweep)]) == 0  # fmt: skip
+    rows = json.loads(sweep.read_text())
+    assert [r["guidance"] for r in rows] == [0, 2]
+    assert all(0 <= r["requested_accuracy"] <= 1 and 0 <= r["confident"] <= 1 for r in rows)
+    assert rows[0]["frechet_distance"] != rows[1]["frechet_distance"]  # the weight is used
+    assert rows[0]["floor"] == rows[1]["floor"]  # the same real halves and classifier
     plain = tmp_path / "plain"
     assert run_command(train.main, [*TINY, "--out", str(plain)]) == 0
     capsys.readouterr()

@@ -57,3 +57,18 @@ def test_statistics_and_evaluate_samples_with_any_feature_extractor():
     assert frechet_distance_of_features(real.flatten(1), real.flatten(1)) == pytest.approx(
         0, abs=1e-9
     )
+
+
+def test_confidence_and_requested_class_fractions_by_hand():
+    """Four samples with known class probabilities: which count as confident (≥ 0.9) and which
+    were classified as the class requested for them."""
+    probs = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.02, 0.98], [0.5, 0.5]])
+    samples = torch.arange(4.0).view(4, 1, 1, 1)  # the sample is its row number
+    classify = lambda x: probs[x.flatten().long()].log()  # logits whose softmax is `probs`
+    real = torch.randn(8, 1, 1, 1)
+    report = evaluate_samples(samples, real, lambda x: x.flatten(1), classify,
+                              requested=torch.tensor([1, 1, 1, 1]))  # fmt: skip
+    assert report.label_counts == [3, 1]  # argmax of the tie [0.5, 0.5] is class 0
+    assert report.confident == pytest.approx(2 / 4)
+    assert report.requested_accuracy == pytest.approx(1 / 4)  # only the third matches
+    assert "confidence ≥ 0.9: 50.0%" in "\n".join(report.lines())
