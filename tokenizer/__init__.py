@@ -1,6 +1,7 @@
 """Byte-level BPE (Sennrich et al. 2016; GPT-2, Radford et al. 2019) that trains fast and
 matches tiktoken exactly, SentencePiece BPE models behind the same interface, and BERT's
-WordPiece (`WordPieceTokenizer`, ids equal to Hugging Face's BertTokenizer).
+WordPiece (`WordPieceTokenizer`, ids equal to Hugging Face's BertTokenizer) and CLIP's lower-cased
+BPE with `</w>` word ends (`CLIPTokenizer`, ids equal to Hugging Face's CLIPTokenizer).
 
     from tokenizer import BPETokenizer
     tok = BPETokenizer.train(text, vocab_size=4096)            # GPT-4 split pattern
@@ -10,6 +11,7 @@ WordPiece (`WordPieceTokenizer`, ids equal to Hugging Face's BertTokenizer).
 Commands: ``python -m tokenizer.train`` and ``python -m tokenizer.encode``.
 """
 
+from tokenizer.clip import CLIPTokenizer
 from tokenizer.data import embedded_corpus, read_text_file, read_tokens, write_tokens
 from tokenizer.errors import (
     DisallowedSpecialTokenError,
@@ -31,6 +33,7 @@ from tokenizer.wordpiece import WordPieceError, WordPieceTokenizer, train_wordpi
 
 __all__ = [
     "BPETokenizer",
+    "CLIPTokenizer",
     "SentencePieceTokenizer",
     "train_sentencepiece",
     "WordPieceTokenizer",
