@@ -1,0 +1,47 @@
+"""Stable Diffusion v1's parts against their reference implementations, on tiny random versions
+built with `transformers` and `diffusers`, saved to disk and loaded here."""
+
+import pytest
+import torch
+
+from dali.clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_hf_clip_text(directory):
+    config = transformers.CLIPTextConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPTextModel(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def test_clip_text_encoder_equals_transformers(tmp_path):
+    hf = tiny_hf_clip_text(tmp_path / "text_encoder")
+    ours = load_clip_text(tmp_path / "text_encoder")
+    ids = torch.randint(0, 99, (3, 77), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).last_hidden_state
+        torch.testing.assert_close(ours(ids), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(ids[:, :9]), hf(ids[:, :9]).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_clip_text_encoder_is_causal_and_counts_vit_l14():
+    torch.manual_seed(0)
+    model = CLIPTextEncoder(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=2, num_attention_heads=2)).eval()  # fmt: skip
+    ids = torch.randint(0, 50, (1, 10))
+    changed = ids.clone()
+    changed[0, 6] = (ids[0, 6] + 1) % 50
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6])  # earlier positions cannot see position 6
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+    with torch.device("meta"):
+        full = CLIPTextEncoder()
+    assert sum(p.numel() for p in full.parameters()) == 123_060_480  # SD v1's text encoder
