@@ -126,21 +126,33 @@ def ddpm_init(module: nn.Module) -> None:
 
 class ResBlock(nn.Module):
     """Wide-ResNet block: GN, swish, conv3×3, + projected time embedding, GN, swish, dropout,
-    conv3×3, plus the input (through a 1×1 convolution when the channel count changes)."""
+    conv3×3, plus the input (through a 1×1 convolution when the channel count changes).
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int):
+    Latent diffusion's autoencoder uses the same block without a time embedding
+    (`time_dim=None`) and with GroupNorm's ε at 1e-6 (`eps`)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        time_dim: int | None,
+        dropout: float,
+        groups: int,
+        eps: float = 1e-5,
+    ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_proj = nn.Linear(time_dim, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.time_proj = nn.Linear(time_dim, out_ch) if time_dim else None
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        if self.time_proj is not None:
+            h = h + self.time_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -149,9 +161,9 @@ class AttentionBlock(nn.Module):
     """Self-attention over the H·W positions of a feature map (the paper's 16×16 attention),
     with a GroupNorm before it and a residual connection around it."""
 
-    def __init__(self, channels: int, heads: int, groups: int):
+    def __init__(self, channels: int, heads: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
         self.attention = MultiHeadAttention(channels, heads)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,14 +174,17 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a 3×3 convolution of stride 2."""
+    """Halve the resolution with a 3×3 convolution of stride 2. `asymmetric`: pad one row and
+    column after the image and none before (TensorFlow's "SAME" for this kernel and stride), as
+    latent diffusion's autoencoder does, instead of one on every side."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):

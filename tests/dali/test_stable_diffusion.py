@@ -45,3 +45,44 @@ def test_clip_text_encoder_is_causal_and_counts_vit_l14():
     with torch.device("meta"):
         full = CLIPTextEncoder()
     assert sum(p.numel() for p in full.parameters()) == 123_060_480  # SD v1's text encoder
+
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_hf_vae(directory):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=4, sample_size=16,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight count
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    vae.save_pretrained(directory)
+    return vae
+
+
+def test_vae_encode_and_decode_equal_diffusers(tmp_path):
+    from dali.stable_diffusion import load_vae
+
+    hf = tiny_hf_vae(tmp_path / "vae")
+    ours = load_vae(tmp_path / "vae")
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        posterior = hf.encode(x).latent_dist
+        mean, log_var = ours.encode(x)
+        torch.testing.assert_close(mean, posterior.mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(log_var, posterior.logvar, atol=1e-5, rtol=1e-5)
+        assert mean.shape == (2, 4, 4, 4)  # f = 4 with three levels
+        z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(ours.decode(z), hf.decode(z).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_vae_counts_stable_diffusion_v1():
+    from dali.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL()
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
