@@ -101,17 +101,27 @@ class UNetConfig:
         return asdict(self)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int, max_period: float = 10000.0, shift: int = 1, cos_first: bool = False
+) -> Tensor:
     """The sinusoidal embedding of the Transformer (Vaswani et al. 2017, §3.5) applied to the
-    timestep: [sin(t·ω_i), cos(t·ω_i)] with ω_i = max_period^(-i/(dim/2 - 1)), i < dim/2."""
+    timestep: [sin(t·ω_i), cos(t·ω_i)] with ω_i = max_period^(-i/(dim/2 - shift)), i < dim/2.
+
+    Ho et al.'s code divides by dim/2 - 1 (`shift=1`); Stable Diffusion's U-Net by dim/2
+    (`shift=0`) and puts the cosines first (`cos_first`)."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period)
         * torch.arange(half, dtype=torch.float32, device=t.device)
-        / (half - 1)
+        / (half - shift)
     )
     angles = t.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    parts = (
+        [torch.cos(angles), torch.sin(angles)]
+        if cos_first
+        else [torch.sin(angles), torch.cos(angles)]
+    )
+    return torch.cat(parts, dim=1)
 
 
 def ddpm_init(module: nn.Module) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from transformer.training import CheckpointError
 from transformer.training.checkpoint import read_safetensors
 
+from .ldm import LatentUNet, LatentUNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 # diffusers' names -> ours, applied in order (regular expressions on the full tensor name).
@@ -34,6 +35,17 @@ _RENAMES = [
     (r"\.mid_block\.attentions\.0\.(to_k|key)\.", ".middle.attention.attention.wk."),
     (r"\.mid_block\.attentions\.0\.(to_v|value)\.", ".middle.attention.attention.wv."),
     (r"\.mid_block\.attentions\.0\.(to_out\.0|proj_attn)\.", ".middle.attention.attention.wo."),
+    (r"\.mid_block\.attentions\.0\.", ".middle.attention."),  # the U-Net's SpatialTransformer
+    (r"\.down_blocks\.(\d+)\.attentions\.(\d+)\.", r".down.\1.attentions.\2."),
+    (r"\.up_blocks\.(\d+)\.attentions\.(\d+)\.", r".up.\1.attentions.\2."),
+    (r"\.(attn[12])\.to_q\.", r".\1.wq."),
+    (r"\.(attn[12])\.to_k\.", r".\1.wk."),
+    (r"\.(attn[12])\.to_v\.", r".\1.wv."),
+    (r"\.(attn[12])\.to_out\.0\.", r".\1.wo."),
+    (r"\.ff\.net\.0\.proj\.", ".ff_in."),
+    (r"\.ff\.net\.2\.", ".ff_out."),
+    (r"^\.time_embedding\.linear_1\.", ".time_mlp.0."),
+    (r"^\.time_embedding\.linear_2\.", ".time_mlp.2."),
     (r"\.conv_shortcut\.", ".skip."),
     (r"\.time_emb_proj\.", ".time_proj."),
     (r"\.conv_norm_out\.", ".norm_out."),
@@ -87,3 +99,13 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
         if kinds - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
             raise CheckpointError(f"{folder}: {key} {sorted(kinds)} is not Stable Diffusion's VAE")
     return load_weights(AutoencoderKL(VAEConfig.from_hf(config)), folder)
+
+
+def load_unet(folder: str | Path) -> LatentUNet:
+    """A diffusers `UNet2DConditionModel` folder of Stable Diffusion v1's kind (a pipeline's `unet/`)."""
+    folder = Path(folder)
+    try:
+        config = LatentUNetConfig.from_hf(read_config(folder))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+    return load_weights(LatentUNet(config), folder)

@@ -388,7 +388,9 @@ class MultiHeadAttention(nn.Module):
     MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O,  head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
     Self-attention when `context` is None, cross-attention (encoder-decoder, §3.2.3) when it is the
-    encoder output. `rotary`, if given, maps (q, k) -> (q, k) after projection and before caching
+    encoder output (of width `context_dim`, when that differs from `d_model`: latent diffusion's
+    image features attending to a text encoding). `bias` is the projections' (`out_bias`, if given,
+    the output projection's alone). `rotary`, if given, maps (q, k) -> (q, k) after projection and before caching
     (rotary position embeddings, Su et al.); `bias`, if given, is added to the scores (ALiBi); `cache`, if given, is a `KVCache`-like object whose
     `update(k, v)` returns all keys and values to attend to. A filled `StaticKVCache` skips the
     key/value projections altogether (cross-attention during incremental decoding).
@@ -403,6 +405,8 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         kernel: str = "fused",
+        context_dim: int | None = None,
+        out_bias: bool | None = None,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -419,9 +423,11 @@ class MultiHeadAttention(nn.Module):
             )
         self.dropout, self.kernel = dropout, kernel
         self.wq = nn.Linear(d_model, n_heads * head_dim, bias=bias)
-        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.wk = nn.Linear(context_dim or d_model, n_kv_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(context_dim or d_model, n_kv_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(
+            n_heads * head_dim, d_model, bias=bias if out_bias is None else out_bias
+        )
 
     def forward(
         self,

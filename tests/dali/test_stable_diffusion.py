@@ -86,3 +86,40 @@ def test_vae_counts_stable_diffusion_v1():
     with torch.device("meta"):
         vae = AutoencoderKL()
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+
+
+def tiny_hf_unet(directory):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # diffusers starts some layers at zero: make every weight count
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    unet.save_pretrained(directory)
+    return unet
+
+
+def test_unet_noise_prediction_equals_diffusers(tmp_path):
+    from dali.stable_diffusion import load_unet
+
+    hf = tiny_hf_unet(tmp_path / "unet")
+    ours = load_unet(tmp_path / "unet")
+    g = torch.Generator().manual_seed(3)
+    z, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 16, generator=g)
+    t = torch.tensor([999, 17])
+    with torch.no_grad():
+        expected = hf(z, t, encoder_hidden_states=context).sample
+        torch.testing.assert_close(ours(z, t, context), expected, atol=1e-4, rtol=1e-4)
+        assert (ours(z, t, context) - expected).abs().max() < 1e-4
+
+
+def test_unet_counts_stable_diffusion_v1():
+    from dali.ldm import LatentUNet
+
+    with torch.device("meta"):
+        unet = LatentUNet()
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
