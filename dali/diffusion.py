@@ -38,9 +38,10 @@ from transformer.training import ConfigError, check_config, param
 @dataclass
 class DiffusionConfig:
     timesteps: int = param(1000, "T, the number of diffusion steps (paper: 1000).")
-    schedule: Literal["linear", "cosine"] = param(
+    schedule: Literal["linear", "cosine", "scaled_linear"] = param(
         "linear",
-        "β schedule: the paper's linear one, or the cosine schedule of Nichol & Dhariwal (2021).",
+        "β schedule: the paper's linear one, the cosine schedule of Nichol & Dhariwal (2021), or "
+        "latent diffusion's scaled-linear one (√β linear from √beta_start to √beta_end).",
     )
     beta_start: float = param(1e-4, "β_1 of the linear schedule (paper: 1e-4).")
     beta_end: float = param(0.02, "β_T of the linear schedule (paper: 0.02).")
@@ -70,6 +71,11 @@ def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.0
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
+def scaled_linear_betas(timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    """Latent diffusion's schedule (Stable Diffusion: 0.00085 to 0.012): √β_t rises linearly."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+
+
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """Nichol & Dhariwal (2021), Eq. (17): ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2),
     β_t = 1 - ᾱ(t)/ᾱ(t-1), clipped to `max_beta` to avoid a singularity at t = T."""
@@ -97,6 +103,8 @@ class GaussianDiffusion(nn.Module):
             betas = linear_betas(config.timesteps, config.beta_start, config.beta_end)
         elif config.schedule == "cosine":
             betas = cosine_betas(config.timesteps)
+        elif config.schedule == "scaled_linear":
+            betas = scaled_linear_betas(config.timesteps, config.beta_start, config.beta_end)
         else:
             raise ValueError(f"unknown schedule {config.schedule!r}")
         alphas = 1.0 - betas

@@ -14,7 +14,8 @@ import json
 import re
 from pathlib import Path
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from transformer.training import CheckpointError
 from transformer.training.checkpoint import read_safetensors
@@ -109,3 +110,137 @@ def load_unet(folder: str | Path) -> LatentUNet:
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
     return load_weights(LatentUNet(config), folder)
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# Schedulers whose config gives the β schedule; sampling here is always DDIM (η = 0) on it.
+SCHEDULERS = {"DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+              "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+              "DPMSolverMultistepScheduler"}  # fmt: skip
+
+
+class StableDiffusion:
+    """Text to image (Rombach et al. 2022, §4.3): CLIP encodes the prompt, DDIM (Song et al. 2021)
+    runs the U-Net in the autoencoder's latent space with classifier-free guidance (Ho & Salimans
+    2022), and the decoder turns the latents into an image.
+
+    Guidance uses Stable Diffusion's scale s: ε̃ = ε(z, ∅) + s·(ε(z, c) − ε(z, ∅)), which is Ho &
+    Salimans' Eq. 6 with w = s − 1 (`dali.pipeline.generate`'s w); ∅ is the empty prompt's
+    encoding. The DDIM steps follow the scheduler config: "leading" timesteps shifted by
+    `steps_offset`, and ᾱ after the last step 1 or ᾱ_0 (`set_alpha_to_one`)."""
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, diffusion, steps_offset=0,
+                 set_alpha_to_one=True):  # fmt: skip
+        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.diffusion, self.steps_offset = diffusion, steps_offset
+        self.set_alpha_to_one = set_alpha_to_one
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        ids = torch.tensor(
+            self.tokenizer.batch(prompts, self.text_encoder.config.max_position_embeddings)
+        )
+        return self.text_encoder(ids.to(self.device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def latent_shape(self, n: int, height: int, width: int) -> tuple[int, ...]:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}×{width}")
+        return (n, self.unet.config.in_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def generate_latents(self, prompts: list[str], steps: int = 50, guidance: float = 7.5,
+                         height: int = 512, width: int = 512, seed: int = 0,
+                         latents: Tensor | None = None, negative: str = "",
+                         progress: bool = False) -> Tensor:  # fmt: skip
+        """The final latents z_0 for each prompt (unscaled by the VAE's factor: decode them)."""
+        if guidance < 0:
+            raise ValueError(f"the guidance scale must be at least 0, got {guidance}")
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([negative] * len(prompts))
+        if latents is None:
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            latents = torch.randn(self.latent_shape(len(prompts), height, width), generator=g,
+                                  device=self.device)  # fmt: skip
+        z = latents.to(self.device)
+        stride = self.diffusion.timesteps // steps
+        taus = [t + self.steps_offset for t in self.diffusion.ddim_timesteps(steps)]
+        from .diffusion import _progress
+
+        for t in _progress(taus, progress, f"ddim-{steps}"):
+            both = self.unet(torch.cat([z, z]), torch.tensor(t, device=self.device),
+                             torch.cat([uncond, cond]))  # fmt: skip
+            eps_uncond, eps_cond = both.float().chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            t_prev = t - stride
+            if t_prev < 0:  # after the last step: ᾱ = 1, or ᾱ_0 without set_alpha_to_one
+                t_prev = -1 if self.set_alpha_to_one else 0
+            z, _ = self.diffusion.ddim_step(eps, z, t, t_prev, 0.0, None, clip_x0=False)
+        return z
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] from the sampler's latents (divided by the scaling factor first)."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).clamp(-1, 1)
+
+    def __call__(self, prompts: list[str], **kwargs) -> Tensor:
+        return self.decode(self.generate_latents(prompts, **kwargs))
+
+
+def load_stable_diffusion(directory: str | Path) -> StableDiffusion:
+    """A diffusers Stable Diffusion v1 directory (`model_index.json` and the component folders)."""
+    from tokenizer.clip import CLIPTokenizer
+    from tokenizer.errors import TokenizerError
+
+    from .clip import load_clip_text
+    from .diffusion import DiffusionConfig, GaussianDiffusion
+
+    directory = Path(directory)
+    index = directory / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(
+            f"{directory} has no model_index.json: not a diffusers pipeline directory"
+        )
+    try:
+        components = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"damaged {index}: {exc}") from None
+    missing = [name for name in COMPONENTS if not (directory / name).is_dir()]
+    if missing:
+        raise CheckpointError(f"{directory} lacks the component folder(s) {', '.join(missing)}")
+    scheduler_kind = (components.get("scheduler") or [None, None])[-1]
+    if scheduler_kind not in SCHEDULERS:
+        raise CheckpointError(
+            f"{index} names the scheduler {scheduler_kind!r}; known: {', '.join(sorted(SCHEDULERS))}"
+        )
+    folder = directory / "scheduler"
+    path = folder / "scheduler_config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no scheduler_config.json")
+    scheduler = json.loads(path.read_text())
+    kind = scheduler.get("beta_schedule", "linear")
+    if kind not in ("linear", "scaled_linear"):
+        raise CheckpointError(
+            f"{path}: beta_schedule {kind!r} is not supported (linear, scaled_linear)"
+        )
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        raise CheckpointError(f"{path}: only ε-prediction (Stable Diffusion v1) is supported")
+    diffusion = GaussianDiffusion(DiffusionConfig(
+        timesteps=scheduler.get("num_train_timesteps", 1000), schedule=kind,
+        beta_start=scheduler.get("beta_start", 0.00085), beta_end=scheduler.get("beta_end", 0.012),
+    ))  # fmt: skip
+    try:
+        tokenizer = CLIPTokenizer.load(directory / "tokenizer")
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+    return StableDiffusion(
+        tokenizer, load_clip_text(directory / "text_encoder"), load_vae(directory / "vae"),
+        load_unet(directory / "unet"), diffusion, scheduler.get("steps_offset", 0),
+        scheduler.get("set_alpha_to_one", True),
+    )  # fmt: skip

@@ -17,6 +17,7 @@ import torch
 from dali import evaluate as dali_evaluate
 from dali import sample as dali_sample
 from dali import train as dali_train
+from dali import txt2img as dali_txt2img
 from instructgpt import dpo, pipeline, ppo, reward, sft
 from instructgpt import evaluate as igpt_evaluate
 from tokenizer import encode as tok_encode
@@ -124,6 +125,17 @@ FLAGS = [
     (dali_sample, ["--checkpoint", "x", "--steps", "-1"], "argument --steps: must be at least 1"),
     (dali_sample, ["--checkpoint", "x", "--n", "0"], "argument --n: must be at least 1"),
     (dali_evaluate, ["--checkpoint", "x", "--n", "0"], "argument --n: must be at least 1"),
+    (dali_evaluate, ["--checkpoint", "x", "--guidance", "-0.5"], "argument --guidance: must be"),
+    (
+        dali_txt2img,
+        ["--checkpoint", "x", "--prompt", "p", "--guidance", "-1"],
+        "argument --guidance: must be",
+    ),
+    (
+        dali_txt2img,
+        ["--checkpoint", "x", "--prompt", "p", "--steps", "0"],
+        "argument --steps: must be at least 1",
+    ),
     (tr_translate, ["--checkpoint", "x", "--beam", "0"], "argument --beam: must be at least 1"),
     (
         tr_translate,
@@ -232,6 +244,11 @@ def test_a_damaged_or_foreign_checkpoint_config_is_one_line(files, variant, mess
         (tr_train, ["--src", "{binary}", "--tgt", "{binary}"], "is not UTF-8 text"),
         (dali_train, ["--data", "mnist:{binary}"], "MNIST directory is a file, not a directory"),
         (dali_sample, ["--checkpoint", "{dir}", "--out", "{dir}/x.png"], "no checkpoint found"),
+        (
+            dali_txt2img,
+            ["--checkpoint", "{dir}", "--prompt", "p", "--out", "{dir}/x.png"],
+            "no model_index.json",
+        ),
         (tr_translate, ["--checkpoint", "{binary-config}"], "not JSON text"),
         (xl_merge, ["--checkpoint", "{binary-config}", "--out", "{dir}/m"], "not JSON text"),
         (xl_merge, ["--checkpoint", "{dir}", "--out", "{dir}/m"], "is not a checkpoint"),

@@ -64,20 +64,19 @@ class CLIPTokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> CLIPTokenizer:
         """Read `vocab.json` and `merges.txt` (first line `#version: ...`, then one `left right`
-        pair per line), as Hugging Face and Stable Diffusion directories hold them."""
+        pair per line), as Stable Diffusion directories hold them, or else the vocabulary and
+        merges inside a Hugging Face `tokenizer.json` (what recent `transformers` saves)."""
         directory = Path(directory)
         vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+        if not vocab_path.is_file() and (directory / "tokenizer.json").is_file():
+            return cls._from_tokenizer_json(directory / "tokenizer.json")
         for path in (vocab_path, merges_path):
             if not path.is_file():
                 raise TokenizerFileError(
-                    f"{path} not found: a CLIP tokenizer needs vocab.json and merges.txt"
+                    f"{path} not found: a CLIP tokenizer needs vocab.json and merges.txt "
+                    "(or a tokenizer.json)"
                 )
-        try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TokenizerFileError(f"damaged {vocab_path}: {exc}") from None
-        if not isinstance(vocab, dict):
-            raise TokenizerFileError(f"damaged {vocab_path}: expected a JSON object of token ids")
+        vocab = _json_object(vocab_path)
         merges = []
         for number, line in enumerate(merges_path.read_text(encoding="utf-8").split("\n"), 1):
             if number == 1 and line.startswith("#version"):
@@ -91,6 +90,14 @@ class CLIPTokenizer:
                 )
             merges.append((parts[0], parts[1]))
         return cls(vocab, merges)
+
+    @classmethod
+    def _from_tokenizer_json(cls, path: Path) -> CLIPTokenizer:
+        model = _json_object(path).get("model") or {}
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+            raise TokenizerFileError(f"{path} is not a CLIP tokenizer (a BPE model with </w>)")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return cls(model["vocab"], merges)
 
     @property
     def vocab_size(self) -> int:
@@ -169,3 +176,13 @@ class CLIPTokenizer:
                 tokens.append(self.decoder[i])
         data = bytes(self.char_byte[c] for c in "".join(tokens))  # "</w>" is plain ASCII here
         return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TokenizerFileError(f"damaged {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenizerFileError(f"damaged {path}: expected a JSON object")
+    return data

@@ -123,3 +123,124 @@ def test_unet_counts_stable_diffusion_v1():
     with torch.device("meta"):
         unet = LatentUNet()
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def tiny_clip_tokenizer_files(directory):
+    """vocab.json + merges.txt learned by the `tokenizers` library with CLIP's settings."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from tokenizer.data import embedded_corpus
+
+    split = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])  # fmt: skip
+    trainer = trainers.BpeTrainer(vocab_size=400, end_of_word_suffix="</w>",
+                                  special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(embedded_corpus().splitlines()[:3000], trainer)
+    directory.mkdir(parents=True)
+    tok.model.save(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A tiny random Stable Diffusion v1 pipeline saved by diffusers (DDIM as SD v1.5 configures
+    it: scaled-linear β, steps_offset 1, set_alpha_to_one False, no clipping)."""
+    root = tmp_path_factory.mktemp("sd")
+    files = tiny_clip_tokenizer_files(root / "tokenizer-files")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(files), model_max_length=77)
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=37,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(text_config).eval()
+    vae = tiny_hf_vae(root / "vae-alone")
+    unet = tiny_hf_unet(root / "unet-alone")
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline", pipe
+
+
+def test_the_whole_pipeline_equals_stable_diffusion_pipeline(pipeline_dir):
+    """Latents after 4 DDIM steps with classifier-free guidance, same prompt and starting noise,
+    and the decoded images."""
+    from dali.stable_diffusion import load_stable_diffusion
+
+    directory, pipe = pipeline_dir
+    ours = load_stable_diffusion(directory)
+    prompts = ["a photo of a red cat", "The number 7, handwritten"]
+    start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(num_inference_steps=4, guidance_scale=7.5, height=32, width=32)
+    expected = pipe(prompts, latents=start, output_type="latent", **kwargs).images
+    got = ours.generate_latents(prompts, steps=4, guidance=7.5, latents=start)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    images = pipe(prompts, latents=start, output_type="pt", **kwargs).images  # in [0, 1]
+    torch.testing.assert_close((ours.decode(got) + 1) / 2, images, atol=1e-4, rtol=1e-4)
+
+
+def test_a_bad_pipeline_directory_is_one_clear_error(pipeline_dir, tmp_path):
+    import json
+    import shutil
+
+    from dali.stable_diffusion import load_stable_diffusion
+    from transformer.training import CheckpointError
+
+    directory, _ = pipeline_dir
+    broken = tmp_path / "broken"
+    shutil.copytree(directory, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CheckpointError, match="lacks the component folder"):
+        load_stable_diffusion(broken)
+    shutil.copytree(directory / "vae", broken / "vae")
+    index = json.loads((broken / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "MadeUpScheduler"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="MadeUpScheduler"):
+        load_stable_diffusion(broken)
+
+
+def test_txt2img_command_and_its_bad_input(pipeline_dir, tmp_path, capsys):
+    from dali import txt2img
+    from transformer.training import run_command
+
+    directory, _ = pipeline_dir
+    out = tmp_path / "image.png"
+    base = ["--checkpoint", str(directory), "--steps", "2", "--height", "32", "--width", "32",
+            "--device", "cpu"]  # fmt: skip
+    assert (
+        run_command(txt2img.main, [*base, "--prompt", "a cat", "--n", "2", "--out", str(out)]) == 0
+    )
+    from PIL import Image
+
+    assert Image.open(out).size == (32 * 2 + 3, 32 + 2)  # a grid of two, padded
+    capsys.readouterr()
+    # A prompt over 77 tokens: truncated as the reference does, with one warning line.
+    assert run_command(txt2img.main, [*base, "--prompt", "word " * 90, "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("warning:")][0].count("CLIP reads 75") == 1
+    with pytest.raises(SystemExit) as stop:  # refused by the flag's type, before any work
+        txt2img.main([*base, "--prompt", "x", "--guidance", "-1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and "--guidance" in err[-1] and "[0, inf]" in err[-1]
+    for argv, message in [
+        ([*base, "--prompt", "x", "--height", "30", "--out", str(out)], "multiples of 4"),
+        (["--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(out)], "model_index.json"),
+    ]:
+        assert run_command(txt2img.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
