@@ -30,6 +30,7 @@ from transformer.training import (
 from .data import DaliError
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .model import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
 
 
 class DDPM(nn.Module):
@@ -79,6 +80,10 @@ def load_ddpm(path: Path, device: torch.device | str = "cpu") -> tuple[DDPM, dic
     where = f"{checkpoint}/config.json: model"
     if not isinstance(model, dict):
         raise DaliError(f"{where} is not a JSON object")
+    if model.get("kind") == "latent":
+        raise DaliError(f"{checkpoint} is a latent diffusion checkpoint: sample it with --prompt")
+    if model.get("kind") == "autoencoder":
+        raise DaliError(f"{checkpoint} is an autoencoder, not a diffusion model")
     unet_config = config_from_dict(UNetConfig, model.get("unet"), f"{where}.unet")
     diffusion_config = config_from_dict(
         DiffusionConfig, model.get("diffusion"), f"{where}.diffusion"
@@ -225,3 +230,46 @@ def requested_labels(label: str | None, n: int, num_classes: int) -> torch.Tenso
     except ValueError:
         raise DaliError(f"--class must be a class number or 'all', got {label!r}") from None
     return torch.full((n,), value)
+
+
+def load_autoencoder(path: Path, device="cpu") -> tuple[AutoencoderKL, dict]:
+    """An autoencoder run directory (its `autoencoder/` checkpoint) or that checkpoint itself."""
+    path = Path(path)
+    checkpoint = path / "autoencoder" if (path / "autoencoder").is_dir() else path
+    config = check_checkpoint(checkpoint, "dali")
+    model = config.get("model") or {}
+    if model.get("kind") != "autoencoder" or "scaling_factor" not in model.get("vae", {}):
+        raise DaliError(f"{checkpoint} is not a finished dali.autoencoder checkpoint")
+    vae = AutoencoderKL(VAEConfig.from_hf(model["vae"]))
+    load_weights(checkpoint, vae)
+    return vae.to(device).eval(), config
+
+
+def load_latent(path: Path, device="cpu"):
+    """A `dali.train_latent` run or checkpoint -> (LatentDiffusion, its tokenizer, its
+    autoencoder, config). The run directory holds the tokenizer and the autoencoder it used."""
+    from tokenizer import BPETokenizer
+
+    from .clip import CLIPTextConfig
+    from .latent import LatentDiffusion
+    from .ldm import LatentUNetConfig
+
+    checkpoint = find_checkpoint(Path(path))
+    config = check_checkpoint(checkpoint, "dali")
+    model = config.get("model") or {}
+    if model.get("kind") != "latent":
+        raise DaliError(f"{checkpoint} is not a latent diffusion checkpoint (dali.train_latent)")
+    run_dir = checkpoint.parent.parent
+    tokenizer_file = run_dir / "tokenizer.bpe"
+    if not tokenizer_file.is_file():
+        raise DaliError(f"{tokenizer_file} not found beside the checkpoint's run")
+    vae, _ = load_autoencoder(run_dir / "autoencoder", device)
+    text = CLIPTextConfig(**model["text"])
+    unet = LatentUNetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in model["unet"].items()})  # fmt: skip
+    diffusion = config_from_dict(
+        DiffusionConfig, model.get("diffusion"), f"{checkpoint}: diffusion"
+    )
+    ldm = LatentDiffusion(text, unet, diffusion)
+    load_weights(checkpoint, ldm)
+    return ldm.to(device).eval(), BPETokenizer.load(tokenizer_file), vae, config
