@@ -6,6 +6,8 @@ import torch
 
 from dali.clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text
 
+from ..tokenizer.test_clip import learn_clip_files
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -125,36 +127,12 @@ def test_unet_counts_stable_diffusion_v1():
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
 
 
-def tiny_clip_tokenizer_files(directory):
-    """vocab.json + merges.txt learned by the `tokenizers` library with CLIP's settings."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    from tokenizer.data import embedded_corpus
-
-    split = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])  # fmt: skip
-    trainer = trainers.BpeTrainer(vocab_size=400, end_of_word_suffix="</w>",
-                                  special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(embedded_corpus().splitlines()[:3000], trainer)
-    directory.mkdir(parents=True)
-    tok.model.save(str(directory))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """A tiny random Stable Diffusion v1 pipeline saved by diffusers (DDIM as SD v1.5 configures
     it: scaled-linear β, steps_offset 1, set_alpha_to_one False, no clipping)."""
     root = tmp_path_factory.mktemp("sd")
-    files = tiny_clip_tokenizer_files(root / "tokenizer-files")
+    files = learn_clip_files(root / "tokenizer-files", vocab_size=400, lines=3000)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(files), model_max_length=77)
     text_config = transformers.CLIPTextConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=37,

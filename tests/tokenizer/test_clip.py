@@ -35,8 +35,9 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def learn_clip_files(directory, vocab_size: int = 1500, lines: int | None = None):
+    """vocab.json + merges.txt learned by the `tokenizers` library's BPE trainer set up as CLIP's,
+    on the embedded corpus (its first `lines` lines)."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
@@ -47,16 +48,21 @@ def files(tmp_path_factory):
         pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])  # fmt: skip
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=1500,
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
         special_tokens=["<|startoftext|>", "<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         end_of_word_suffix="</w>",
     )
-    assert isinstance(trainer, trainers.BpeTrainer)
-    tok.train_from_iterator(embedded_corpus().splitlines(), trainer)
-    directory = tmp_path_factory.mktemp("clip")
+    tok.train_from_iterator(embedded_corpus().splitlines()[:lines], trainer)
+    directory.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    directory = learn_clip_files(tmp_path_factory.mktemp("clip"))
     lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) > 500 and any("</w>" in line for line in lines)
     return directory
