@@ -2,7 +2,7 @@
 
     python -m dali.autoencoder --data mnist:../shared/data/mnist --out runs/ae
 
-`dali.vae.AutoencoderKL` at a small size (1 channel, 32/64/64 channels, f = 4: 32×32 digits ->
+`dali.vae.AutoencoderKL` at a small size (1 channel, 16/32/32 channels, f = 4: 32×32 digits ->
 4×8×8 latents; MNIST's 28×28 are resized to 32×32), trained with latent diffusion's objective
 without its perceptual and adversarial terms: the L1 reconstruction error summed over the pixels
 plus `kl_weight` (the paper's 1e-6) times KL(q(z|x) ‖ N(0, I)) summed over the latent, per image.
@@ -39,14 +39,14 @@ from .data import DaliError, load_images, save_grid
 from .vae import AutoencoderKL, VAEConfig
 
 IMAGE_SIZE = 32
-SMALL = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+SMALL = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),
                   layers_per_block=1, latent_channels=4, norm_num_groups=8, scaling_factor=1.0)  # fmt: skip
 HELD_OUT = 1000  # the last images, for the reconstruction error
 
 
 @dataclass(frozen=True)
 class AutoencoderTrainConfig:
-    steps: int = param(3000, "optimizer steps")
+    steps: int = param(2000, "optimizer steps")
     batch_size: int = param(64, "images per step")
     lr: float = param(1e-3, "Adam learning rate (constant after 100 warm-up steps)")
     kl_weight: float = param(1e-6, "weight of the KL term (Rombach et al.: 1e-6)")

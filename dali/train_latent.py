@@ -64,17 +64,17 @@ from .quality import evaluate_samples, train_classifier
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=CONTEXT)  # fmt: skip
-UNET = LatentUNetConfig(in_channels=4, out_channels=4, block_out_channels=(64, 128),
+UNET = LatentUNetConfig(in_channels=4, out_channels=4, block_out_channels=(32, 64),
                         cross_attention=(True, True), layers_per_block=2, attention_heads=4,
-                        cross_attention_dim=64, norm_num_groups=16)  # fmt: skip
+                        cross_attention_dim=64, norm_num_groups=8)  # fmt: skip
 DIFFUSION = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 @dataclass(frozen=True)
 class LatentTrainConfig:
-    steps: int = param(6000, "optimizer steps")
-    batch_size: int = param(64, "latents per step")
-    lr: float = param(5e-4, "AdamW learning rate (constant after 200 warm-up steps)")
+    steps: int = param(3000, "optimizer steps")
+    batch_size: int = param(128, "latents per step")
+    lr: float = param(1e-3, "AdamW learning rate (constant after 200 warm-up steps)")
     p_uncond: float = param(0.1, "probability of the empty prompt (Ho & Salimans: 0.1 or 0.2)")
     ema_decay: float = param(0.999, "EMA decay of the weights used for sampling (with warm-up)")
     vocab_size: int = param(300, "byte-level BPE vocabulary learned on the prompts")
@@ -82,7 +82,7 @@ class LatentTrainConfig:
     eval_samples: int = param(
         500, "images per guidance weight and phrasing set at the end (0 = none)"
     )
-    eval_steps: int = param(50, "DDIM steps for the final evaluation")
+    eval_steps: int = param(25, "DDIM steps for the final evaluation")
     eval_guidance: tuple[float, ...] = param((0.0, 1.0, 2.0, 4.0), "guidance weights w evaluated")
 
     def __post_init__(self):
