@@ -72,7 +72,7 @@ DIFFUSION = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_e
 
 @dataclass(frozen=True)
 class LatentTrainConfig:
-    steps: int = param(3000, "optimizer steps")
+    steps: int = param(2000, "optimizer steps")
     batch_size: int = param(128, "latents per step")
     lr: float = param(1e-3, "AdamW learning rate (constant after 200 warm-up steps)")
     p_uncond: float = param(0.1, "probability of the empty prompt (Ho & Salimans: 0.1 or 0.2)")
