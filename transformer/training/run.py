@@ -378,8 +378,9 @@ class TrainingRun:
                 "rng": rng,
                 "data": data_state or {},
                 "metrics_lines": self.metrics_lines,
-                "best": self.best,
             }
+            if self.best is not None:  # runs that validate: the record of checkpoints/best
+                state["best"] = self.best
             if self.optimizer is not None:
                 state["optimizer"] = self.optimizer.state_dict()
             save_checkpoint(path, self.model, self.config, state)
