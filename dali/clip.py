@@ -14,7 +14,6 @@ safetensors, with or without the `text_model.` prefix), e.g. a diffusers pipelin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention
 from transformer.training import CheckpointError
-from transformer.training.checkpoint import read_safetensors
+from transformer.training.checkpoint import read_json_object, read_safetensors
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def load_clip_text(directory: str | Path) -> CLIPTextEncoder:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no config.json: not a CLIP text encoder directory")
-    config = CLIPTextConfig.from_hf(json.loads(config_path.read_text()))
+    config = CLIPTextConfig.from_hf(read_json_object(config_path))
     model = CLIPTextEncoder(config)
     state = from_hf_state_dict(read_safetensors(directory))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -10,7 +10,6 @@ Nothing here runs code from the directory.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from transformer.training import CheckpointError
-from transformer.training.checkpoint import read_safetensors
+from transformer.training.checkpoint import read_json_object, read_safetensors
 
+from .diffusion import _progress
 from .ldm import LatentUNet, LatentUNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -65,13 +65,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"damaged {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"damaged {path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def load_weights(model: nn.Module, folder: Path) -> nn.Module:
@@ -171,8 +165,6 @@ class StableDiffusion:
         z = latents.to(self.device)
         stride = self.diffusion.timesteps // steps
         taus = [t + self.steps_offset for t in self.diffusion.ddim_timesteps(steps)]
-        from .diffusion import _progress
-
         for t in _progress(taus, progress, f"ddim-{steps}"):
             both = self.unet(torch.cat([z, z]), torch.tensor(t, device=self.device),
                              torch.cat([uncond, cond]))  # fmt: skip
@@ -207,10 +199,7 @@ def load_stable_diffusion(directory: str | Path) -> StableDiffusion:
         raise CheckpointError(
             f"{directory} has no model_index.json: not a diffusers pipeline directory"
         )
-    try:
-        components = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"damaged {index}: {exc}") from None
+    components = read_json_object(index)
     missing = [name for name in COMPONENTS if not (directory / name).is_dir()]
     if missing:
         raise CheckpointError(f"{directory} lacks the component folder(s) {', '.join(missing)}")
@@ -223,7 +212,7 @@ def load_stable_diffusion(directory: str | Path) -> StableDiffusion:
     path = folder / "scheduler_config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no scheduler_config.json")
-    scheduler = json.loads(path.read_text())
+    scheduler = read_json_object(path)
     kind = scheduler.get("beta_schedule", "linear")
     if kind not in ("linear", "scaled_linear"):
         raise CheckpointError(
