@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         if (step + 1) % 10 == 0:
             run.log(step, loss=loss.item(), l1_per_pixel=rec.item() / x[0].numel(), kl=kl.item())
         run.end_of_step(step, {})
-    run.save(cfg.steps, {})
+    run.save_final(cfg.steps, {})
 
     vae.eval()
     with torch.no_grad():

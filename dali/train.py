@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         run.end_of_step(step, data_state)
 
     started = time.perf_counter()
-    checkpoint = run.save(train_config.steps, data_state)
+    checkpoint = run.save_final(train_config.steps, data_state)
     if dist.is_main:
         grid = generate(
             ddpm, 64, "ancestral", seed=args.seed, device=device, dtype=dtype, progress=True

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         if (step + 1) % 10 == 0:
             run.log(step, loss=loss.item())
         run.end_of_step(step, {})
-    run.save(cfg.steps, {})
+    run.save_final(cfg.steps, {})
     if dist.is_main and cfg.eval_samples:
         evaluate(ldm, tokenizer, vae, data, cfg, run, device, args.seed)
     dist.close()

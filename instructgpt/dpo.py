@@ -194,7 +194,7 @@ def train_dpo(args, config: DPOConfig, rankings=None, heldout=None) -> tuple[Tra
         optimizer_step(optimizer, out.loss, policy)
         run.log(step, **metrics)
         run.end_of_step(step, sampler.state())
-    run.save(config.steps, sampler.state())
+    run.save_final(config.steps, sampler.state())
     summary = {"train_pairs": len(pairs), "heldout_pairs": len(heldout_pairs)}
     if heldout_pairs:
         summary.update(

@@ -395,7 +395,7 @@ def train_ppo(
         run.log(it, **metrics)
         history.append(metrics)
         run.end_of_step(it, data_state())
-    run.save(config.iterations, data_state())
+    run.save_final(config.iterations, data_state())
     if dist.is_main:
         save_policy(run.out, policy, tokenizer, {"stage": "ppo", "sft_model": str(policy_path)})
         from .sft import print_samples

@@ -108,7 +108,7 @@ def train_sft(
         optimizer_step(optimizer, loss, policy)
         run.log(step, loss=dist.all_reduce_mean(loss.detach()).item(), epoch=sampler.epoch)
         run.end_of_step(step, sampler.state())
-    run.save(config.steps, sampler.state())
+    run.save_final(config.steps, sampler.state())
     if dist.is_main:
         print_samples(run, policy, tokenizer, task_prompts("heldout")[:3], max_len)
     dist.close()

@@ -207,6 +207,37 @@ def test_configs_written_before_a_field_was_added_still_load():
         config_from_dict(TransformerConfig, old, "old.json")
 
 
+def test_the_final_checkpoint_is_written_once(tmp_path):
+    """A trainer's last save after its loop: when `checkpoint_every` divides the step count,
+    `end_of_step` has just written that step, and `save_final` returns it instead of writing a
+    second copy beside it; otherwise (and after a step that changed the weights) it writes."""
+    from transformer.training import TrainingRun
+    from transformer.training.run import list_checkpoints
+
+    def train(out, steps, every, resume=None):
+        model = torch.nn.Linear(3, 2)
+        run = TrainingRun(out, "toy", {"d": 3}, {}, model, checkpoint_every=every, resume=resume)
+        for step in run.steps(steps, desc="toy"):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            run.end_of_step(step)
+        return run, run.save_final(steps), model
+
+    run, final, _ = train(tmp_path / "divides", 4, every=2)
+    assert final.name == "step_0000004"
+    assert [p.name for p in list_checkpoints(tmp_path / "divides")] == ["step_0000002", "step_0000004"]
+    assert not list((tmp_path / "divides" / "checkpoints").glob("*.1"))
+    run, final, model = train(tmp_path / "odd", 5, every=2)
+    assert final.name == "step_0000005"
+    fresh = torch.nn.Linear(3, 2)
+    load_weights(final, fresh)
+    assert torch.equal(fresh.weight, model.weight)  # the last step's weights were written
+    # A resumed run with no step left returns the checkpoint it resumed from.
+    run, again, _ = train(tmp_path / "divides", 4, every=2, resume=tmp_path / "divides")
+    assert again == tmp_path / "divides" / "checkpoints" / "step_0000004"
+    assert not list((tmp_path / "divides" / "checkpoints").glob("*.1"))
+
+
 def test_the_best_validation_checkpoint_is_kept_and_survives_resume(tmp_path):
     from transformer.training import TrainingRun
     from transformer.training.run import list_checkpoints

@@ -12,7 +12,7 @@ are the same everywhere:
         run.check_finite(step, loss=loss)        # stops with the step and last good checkpoint
         run.log(step, loss=loss.item(), lr=lr)   # metrics.jsonl + progress bar (rank 0)
         run.end_of_step(step, data_state)        # weights finite? periodic checkpoints; Ctrl-C
-    run.save(total_steps, data_state)
+    run.save_final(total_steps, data_state)      # unless end_of_step has just written it
 
 The run directory holds `config.json`, `metrics.jsonl` and `checkpoints/step_NNNNNNN/`, with
 `checkpoints/latest` naming the newest, and `checkpoints/best/`: the weights of the lowest
@@ -230,6 +230,7 @@ class TrainingRun:
         self.start_step = 0
         self.data_state: dict | None = None
         self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None  # the step `last_checkpoint` holds, untouched since
         self.best: dict | None = None  # {"step", "val_loss"} of checkpoints/best
         self.metrics_lines = 0
         self._interrupted = False
@@ -254,6 +255,7 @@ class TrainingRun:
         self.data_state = state.get("data")
         self.best = state.get("best")
         self.last_checkpoint = checkpoint
+        self._saved_step = self.start_step
         if self.dist.is_main:
             self._restore_metrics(checkpoint, state.get("metrics_lines"))
 
@@ -392,8 +394,18 @@ class TrainingRun:
                 shutil.rmtree(old, ignore_errors=True)
             self._prune(step)
         self.dist.barrier()
-        self.last_checkpoint = path
+        self.last_checkpoint, self._saved_step = path, step
         return path
+
+    def save_final(self, step: int, data_state: dict | None = None) -> Path:
+        """The checkpoint after the last step, for a trainer whose loop has just ended: `save`,
+        unless the latest checkpoint already holds this very step (`end_of_step` wrote it because
+        `checkpoint_every` divides the step count, or a resumed run had no step left), which is
+        returned instead of being written a second time. A trainer that changes the model after
+        its loop (the reward model's normalisation) calls `save`."""
+        if self._saved_step == step and self.last_checkpoint is not None:
+            return self.last_checkpoint
+        return self.save(step, data_state)
 
     @property
     def best_checkpoint(self) -> Path:
