@@ -225,7 +225,10 @@ def test_the_final_checkpoint_is_written_once(tmp_path):
 
     run, final, _ = train(tmp_path / "divides", 4, every=2)
     assert final.name == "step_0000004"
-    assert [p.name for p in list_checkpoints(tmp_path / "divides")] == ["step_0000002", "step_0000004"]
+    assert [p.name for p in list_checkpoints(tmp_path / "divides")] == [
+        "step_0000002",
+        "step_0000004",
+    ]
     assert not list((tmp_path / "divides" / "checkpoints").glob("*.1"))
     run, final, model = train(tmp_path / "odd", 5, every=2)
     assert final.name == "step_0000005"
