@@ -22,7 +22,11 @@ from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention
 from transformer.training import CheckpointError
-from transformer.training.checkpoint import read_json_object, read_safetensors
+from transformer.training.checkpoint import (
+    load_state_exactly,
+    read_json_object,
+    read_safetensors,
+)
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,5 @@ def load_clip_text(directory: str | Path) -> CLIPTextEncoder:
         raise CheckpointError(f"{directory} has no config.json: not a CLIP text encoder directory")
     config = CLIPTextConfig.from_hf(read_json_object(config_path))
     model = CLIPTextEncoder(config)
-    state = from_hf_state_dict(read_safetensors(directory))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory} does not fit a CLIP text encoder: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    load_state_exactly(model, from_hf_state_dict(read_safetensors(directory)), directory)
     return model.eval()

@@ -17,7 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from transformer.training import CheckpointError
-from transformer.training.checkpoint import read_json_object, read_safetensors
+from transformer.training.checkpoint import (
+    load_state_exactly,
+    read_json_object,
+    read_safetensors,
+)
 
 from .diffusion import _progress
 from .ldm import LatentUNet, LatentUNetConfig
@@ -72,16 +76,7 @@ def load_weights(model: nn.Module, folder: Path) -> nn.Module:
     """The folder's safetensors, renamed, into `model`; a tensor left over or a parameter left
     empty is one error naming the first few."""
     state = {rename(name): tensor for name, tensor in read_safetensors(folder).items()}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [n for n in expected if n in state and state[n].shape != expected[n].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{folder} does not fit its config: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, other shapes {wrong[:3]}"
-        )
-    model.load_state_dict(state)
+    load_state_exactly(model, state, folder)
     return model.eval()
 
 

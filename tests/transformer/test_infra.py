@@ -207,6 +207,25 @@ def test_configs_written_before_a_field_was_added_still_load():
         config_from_dict(TransformerConfig, old, "old.json")
 
 
+def test_a_state_that_does_not_fit_is_named_in_one_error():
+    from transformer.training import CheckpointError
+    from transformer.training.checkpoint import load_state_exactly
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    good = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    load_state_exactly(model, good, "good.safetensors")
+    assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
+    bad = dict(good, extra=torch.zeros(1))
+    del bad["1.bias"]
+    bad["0.weight"] = torch.zeros(3, 2)
+    with pytest.raises(CheckpointError) as err:
+        load_state_exactly(model, bad, "bad.safetensors")
+    assert str(err.value) == (
+        "bad.safetensors does not fit the model: missing ['1.bias'], unexpected ['extra'], "
+        "other shapes ['0.weight']"
+    )
+
+
 def test_the_final_checkpoint_is_written_once(tmp_path):
     """A trainer's last save after its loop: when `checkpoint_every` divides the step count,
     `end_of_step` has just written that step, and `save_final` returns it instead of writing a

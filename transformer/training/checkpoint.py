@@ -232,6 +232,22 @@ def safe_torch_load(path: Path, mmap: bool = False):
         raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
 
 
+def load_state_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """Load `state` (the model's own names) into `model` when it fits exactly: every tensor the
+    model has, no other, each of the model's shape; otherwise one `CheckpointError` naming the
+    source and the first few missing, unexpected and mis-shaped names (a foreign checkpoint)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [n for n in expected if n in state and state[n].shape != expected[n].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{source} does not fit the model: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, other shapes {wrong[:3]}"
+        )
+    model.load_state_dict(state)
+
+
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors`, or of the shards named by `model.safetensors.index.json`."""
     directory = Path(directory)
