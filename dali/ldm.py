@@ -50,6 +50,10 @@ class LatentUNetConfig:
     freq_shift: int = 0
     flip_sin_to_cos: bool = True
 
+    def __post_init__(self):  # read back from JSON, the tuples are lists
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "cross_attention", tuple(self.cross_attention))
+
     @classmethod
     def from_hf(cls, config: dict) -> LatentUNetConfig:
         """A diffusers `UNet2DConditionModel` config.json of Stable Diffusion v1's kind."""

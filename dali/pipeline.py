@@ -264,9 +264,8 @@ def load_latent(path: Path, device="cpu"):
     if not tokenizer_file.is_file():
         raise DaliError(f"{tokenizer_file} not found beside the checkpoint's run")
     vae, _ = load_autoencoder(run_dir / "autoencoder", device)
-    text = CLIPTextConfig(**model["text"])
-    unet = LatentUNetConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in model["unet"].items()})  # fmt: skip
+    text = config_from_dict(CLIPTextConfig, model.get("text"), f"{checkpoint}: text")
+    unet = config_from_dict(LatentUNetConfig, model.get("unet"), f"{checkpoint}: unet")
     diffusion = config_from_dict(
         DiffusionConfig, model.get("diffusion"), f"{checkpoint}: diffusion"
     )
