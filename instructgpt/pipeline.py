@@ -6,7 +6,7 @@
 2. SFT on the task's demonstrations (sentence openings and their real continuations);
 3. K responses per training prompt sampled from the SFT model, ranked by the gold labeler;
 4. the reward model trained on those rankings (held-out pairwise accuracy reported);
-5. PPO against the reward model, and DPO on the same rankings, for several β each; with
+5. PPO against the reward model, and DPO on the same rankings, for each β asked for; with
    --dpo-rounds R > 1, each DPO policy then goes through R - 1 more rounds of iterative
    (on-policy) DPO: K fresh responses per training prompt from the previous round's policy,
    ranked by the labeler, and DPO from that policy (its own reference) on them;
@@ -86,11 +86,15 @@ class PipelineConfig:
     ppo_iterations: int = param(80, "PPO rollout batches per β")
     ppo_lr: float = param(5e-5, "PPO learning rate")
     ppo_betas: list[float] = param(
-        factory=lambda: [0.005, 0.02, 0.1], help="KL coefficients of the PPO runs"
+        factory=lambda: [0.005],
+        help="KL coefficients of the PPO runs (one run each; the README's sweep: 0.005 0.02 0.1)",
     )
     dpo_steps: int = param(300, "DPO steps per β (and per round)")
     dpo_lr: float = param(1e-4, "DPO learning rate")
-    dpo_betas: list[float] = param(factory=lambda: [0.03, 0.05, 0.1, 0.3], help="β of the DPO runs")
+    dpo_betas: list[float] = param(
+        factory=lambda: [0.1],
+        help="β of the DPO runs (one run each; the README's sweep: 0.03 0.05 0.1 0.3)",
+    )
     dpo_rounds: int = param(
         2,
         "DPO rounds per β: round r > 1 ranks fresh samples of round r - 1's policy and continues from it (iterative, on-policy DPO; the labeler labels K more responses per prompt each round)",
