@@ -403,8 +403,9 @@ class TrainingRun:
         `checkpoint_every` divides the step count, or a resumed run had no step left), which is
         returned instead of being written a second time. A trainer that changes the model after
         its loop (the reward model's normalisation) calls `save`."""
-        if self._saved_step == step and self.last_checkpoint is not None:
-            return self.last_checkpoint
+        last = self.last_checkpoint
+        if self._saved_step == step and last is not None and self.out in last.parents:
+            return last  # (a run resumed from another directory still gets its own copy)
         return self.save(step, data_state)
 
     @property
