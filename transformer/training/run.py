@@ -230,7 +230,6 @@ class TrainingRun:
         self.start_step = 0
         self.data_state: dict | None = None
         self.last_checkpoint: Path | None = None
-        self._saved_step: int | None = None  # the step `last_checkpoint` holds, untouched since
         self.best: dict | None = None  # {"step", "val_loss"} of checkpoints/best
         self.metrics_lines = 0
         self._interrupted = False
@@ -255,7 +254,6 @@ class TrainingRun:
         self.data_state = state.get("data")
         self.best = state.get("best")
         self.last_checkpoint = checkpoint
-        self._saved_step = self.start_step
         if self.dist.is_main:
             self._restore_metrics(checkpoint, state.get("metrics_lines"))
 
@@ -394,7 +392,7 @@ class TrainingRun:
                 shutil.rmtree(old, ignore_errors=True)
             self._prune(step)
         self.dist.barrier()
-        self.last_checkpoint, self._saved_step = path, step
+        self.last_checkpoint = path
         return path
 
     def save_final(self, step: int, data_state: dict | None = None) -> Path:
@@ -403,9 +401,9 @@ class TrainingRun:
         `checkpoint_every` divides the step count, or a resumed run had no step left), which is
         returned instead of being written a second time. A trainer that changes the model after
         its loop (the reward model's normalisation) calls `save`."""
-        last = self.last_checkpoint
-        if self._saved_step == step and last is not None and self.out in last.parents:
-            return last  # (a run resumed from another directory still gets its own copy)
+        last = self.last_checkpoint  # a run resumed from another directory writes its own copy
+        if last is not None and self.out in last.parents and checkpoint_step(last) == step:
+            return last
         return self.save(step, data_state)
 
     @property
