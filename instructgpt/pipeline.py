@@ -193,11 +193,14 @@ def pretrain(
     return out
 
 
-def _args(common, out: Path, **kw) -> SimpleNamespace:
-    """A stage's arguments. A stage that was interrupted before it finished resumes from its last
-    checkpoint; one that never wrote a checkpoint starts over."""
+def _args(common, out: Path, lora: bool = True, **kw) -> SimpleNamespace:
+    """A stage's arguments (with the pipeline's LoRA flags, or without adapters: `lora=False`). A
+    stage that was interrupted before it finished resumes from its last checkpoint; one that never
+    wrote a checkpoint starts over."""
     resume = out if (out / "checkpoints" / "latest").is_file() else None
-    lora = {f.name: getattr(common, f.name, None) for f in fields(LoRAConfig)}
+    lora = {f.name: getattr(common, f.name, None) for f in fields(LoRAConfig)} | (
+        {} if lora else {"lora_rank": 0}
+    )
     return SimpleNamespace(
         device=common.device, dtype=common.dtype, seed=common.seed, out=out, resume=resume,
         overwrite=resume is None, **lora, **kw,
@@ -260,6 +263,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
             _args(
                 common,
                 rm_dir,
+                lora=common.lora_reward_model,
                 model=sft_dir,
                 data=rankings_path,
                 eval_data=heldout_path,
@@ -364,9 +368,17 @@ def main(argv=None) -> int:
     )  # fmt: skip
     preset = choose_preset(PRESETS, preset_flags(argv, config="default").config)
     add_dataclass_arguments(parser, PipelineConfig, "pipeline (the preset's values)", preset)
-    add_dataclass_arguments(
-        parser, LoRAConfig, "LoRA (Hu et al. 2021): SFT, reward, PPO and DPO train adapters only"
+    lora = add_dataclass_arguments(
+        parser,
+        LoRAConfig,
+        "LoRA (Hu et al. 2021): the policies (SFT, PPO, DPO) train adapters only",
     )
+    lora.add_argument(
+        "--lora-reward-model", action=argparse.BooleanOptionalAction, default=False,
+        help="adapters on the reward model too (default: no; it is not a policy and trains "
+        "fully, as InstructGPT trains its reward model as a model of its own; with adapters it "
+        "ranked held-out pairs 5 points worse here and PPO drifted against it)",
+    )  # fmt: skip
     add_common_arguments(parser, training=False)
     args = parser.parse_args(argv)
     config = dataclass_from_args(PipelineConfig, args, base=preset)

@@ -82,12 +82,20 @@ def test_every_stage_trains_lora_adapters_and_hands_on_a_merged_model(tmp_path, 
 
 
 def test_tiny_pipeline_with_lora_policies(tmp_path):
+    """The policies train adapters; the reward model trains fully unless asked."""
     from instructgpt import pipeline
 
     args = ["--config", "tiny", "--out", str(tmp_path), "--lora-rank", "2", "--device", "cpu"]
     assert pipeline.main(args) == 0
-    for stage in ("sft", "reward", "ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"):
+    for stage in ("sft", "ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"):
         config = json.loads((tmp_path / stage / "config.json").read_text())
         assert config["lora"]["lora_rank"] == 2, stage
+    assert "lora" not in json.loads((tmp_path / "reward" / "config.json").read_text())
+    sft, _, _ = load_policy(tmp_path / "sft")
+    reward, _, _ = load_reward_model(tmp_path / "reward")
+    # Trained fully: a frozen base would keep the SFT model's weights exactly.
+    assert not torch.equal(
+        reward.backbone.layers[0].attention.wq.weight, sft.layers[0].attention.wq.weight
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"}

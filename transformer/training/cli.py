@@ -73,8 +73,9 @@ def _flag_type(annotation):
 
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, cls, title: str | None = None, values=None
-) -> None:
-    """Add one flag per field of the dataclass `cls`; unset flags parse to None.
+) -> argparse._ArgumentGroup:
+    """Add one flag per field of the dataclass `cls`, in an argument group of their own (returned);
+    unset flags parse to None.
 
     `values` (an instance: the chosen preset's) supplies the defaults that `--help` shows, so it
     shows the values a run will use; without it, the dataclass defaults.
@@ -110,6 +111,7 @@ def add_dataclass_arguments(
             metavar=f.name.upper() if choices is None else None,
             help=help_text,
         )
+    return group
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, base=None):
