@@ -2,8 +2,8 @@
 
     T=../shared/data/tinyshakespeare/input.txt
     C="--config shakespeare-char --text $T --tokenizer char --max-seq-len 128 --steps 100000"
-    python -m xllama.train $C --dim 256 --n-layers 8 --n-heads 8 --n-kv-heads 8 --lr 1e-3 \\
-        --min-lr 1e-4 --time-limit 8 --out runs/spec-target
+    python -m xllama.train $C --dim 512 --n-layers 8 --n-heads 8 --n-kv-heads 8 --lr 1e-3 \\
+        --min-lr 1e-4 --time-limit 25 --out runs/spec-target
     python -m xllama.train $C --n-layers 2 --time-limit 3 --out runs/spec-draft
     python benchmarks/speculative.py --target runs/spec-target --draft runs/spec-draft --text $T
 
