@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from transformer.training import ConfigError, check_config, param
+from transformer.training import ConfigError, check_config, param, steps_bar
 
 
 @dataclass
@@ -235,7 +235,7 @@ class GaussianDiffusion(nn.Module):
         after every step (for the x̂₀ chain of the paper's Figure 6).
         """
         x = torch.randn(shape, generator=generator, device=device)
-        for t in _progress(range(self.timesteps - 1, -1, -1), progress, "ancestral"):
+        for t in steps_bar(range(self.timesteps - 1, -1, -1), progress, "ancestral"):
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
             noise = torch.randn(shape, generator=generator, device=device) if t > 0 else None
             x, x0 = self.p_sample(model(x, tt).float(), x, t, noise)
@@ -296,7 +296,7 @@ class GaussianDiffusion(nn.Module):
         x̂₀ to [-1, 1] at every step (diffusers' default; False: Song et al.'s raw prediction)."""
         taus = self.ddim_timesteps(steps)
         x = torch.randn(shape, generator=generator, device=device)
-        for i in _progress(range(len(taus)), progress, f"ddim-{steps}"):
+        for i in steps_bar(range(len(taus)), progress, f"ddim-{steps}"):
             t = taus[i]
             t_prev = taus[i + 1] if i + 1 < len(taus) else -1
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
@@ -331,11 +331,3 @@ class GaussianDiffusion(nn.Module):
                 model, shape, steps, eta, generator, device, on_step, progress, ddim_clip_x0
             )
         raise ValueError(f"unknown sampler {sampler!r} (ancestral or ddim)")
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)

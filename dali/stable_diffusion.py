@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from transformer.training import CheckpointError
+from transformer.training import CheckpointError, steps_bar
 from transformer.training.checkpoint import (
     load_state_exactly,
     read_json_object,
     read_safetensors,
 )
 
-from .diffusion import _progress
 from .ldm import LatentUNet, LatentUNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -160,7 +159,7 @@ class StableDiffusion:
         z = latents.to(self.device)
         stride = self.diffusion.timesteps // steps
         taus = [t + self.steps_offset for t in self.diffusion.ddim_timesteps(steps)]
-        for t in _progress(taus, progress, f"ddim-{steps}"):
+        for t in steps_bar(taus, progress, f"ddim-{steps}"):
             both = self.unet(torch.cat([z, z]), torch.tensor(t, device=self.device),
                              torch.cat([uncond, cond]))  # fmt: skip
             eps_uncond, eps_cond = both.float().chunk(2)

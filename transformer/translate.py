@@ -39,6 +39,7 @@ from .training import (
     run_command,
     select_device,
     select_dtype,
+    steps_bar,
 )
 from .vocabulary import load_vocabulary
 
@@ -109,10 +110,7 @@ def translate_sentences(
     ids = [vocab.encode(s) for s in sentences]
     out: list[str] = [""] * len(sentences)
     batches = source_batches(ids, batch_tokens if beam_size == 1 else batch_tokens // beam_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="translating", unit="batch", leave=False)
+    batches = steps_bar(batches, progress, "translating", unit="batch")
     for indices in batches:
         source = source_tensor(ids, indices, vocab).to(device)
         with autocast(device, dtype):

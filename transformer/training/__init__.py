@@ -6,6 +6,7 @@
 - `runtime`: device, precision, seeding, `torchrun` process groups.
 - `checkpoint`: atomic checkpoint directories read without running code.
 - `schedule`: warm-up + cosine learning rate.
+- `progress`: progress bars (widgets only where a notebook can draw them).
 - `run`: a run directory (lock, `metrics.jsonl`, checkpoints, resume, Ctrl-C, non-finite values).
 
 Small and boring on purpose: no framework, each trainer writes its own loop.
@@ -37,6 +38,7 @@ from .cli import (
     preset_flags,
 )
 from .config import ConfigError, check_config, config_from_dict, param
+from .progress import progress_bar, progress_write, steps_bar
 from .run import (
     NonFiniteError,
     RunDirectoryError,
@@ -58,6 +60,9 @@ from .runtime import (
 from .schedule import set_lr, warmup_cosine
 
 __all__ = [
+    "progress_bar",
+    "progress_write",
+    "steps_bar",
     "CommandParser",
     "float_in",
     "int_at_least",

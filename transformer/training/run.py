@@ -50,7 +50,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .checkpoint import (
     CheckpointError,
@@ -64,6 +63,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .errors import UserError
+from .progress import progress_bar, progress_write
 from .runtime import Distributed
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)(?:\.(\d+))?")
@@ -276,12 +276,11 @@ class TrainingRun:
         """Iterate step numbers from the restored step to `total_steps`, with a progress bar."""
         previous = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_sigint)
-        self._progress = tqdm(
+        self._progress = progress_bar(
             total=total_steps,
             initial=self.start_step,
             desc=desc or self.package,
             disable=not self.dist.is_main,
-            dynamic_ncols=True,
         )
         try:
             for step in range(self.start_step, total_steps):
@@ -337,7 +336,7 @@ class TrainingRun:
     def write(self, message: str) -> None:
         """Print a line on rank 0 without breaking the progress bar."""
         if self.dist.is_main:
-            tqdm.write(message)
+            progress_write(message)
 
     def end_of_step(self, step: int, data_state: dict | None = None) -> None:
         """After step `step` finished: check the weights, checkpoint on schedule; on Ctrl-C save
