@@ -193,14 +193,14 @@ def pretrain(
     return out
 
 
-def _args(common, out: Path, lora: bool = True, **kw) -> SimpleNamespace:
-    """A stage's arguments (with the pipeline's LoRA flags, or without adapters: `lora=False`). A
-    stage that was interrupted before it finished resumes from its last checkpoint; one that never
-    wrote a checkpoint starts over."""
+def _args(common, out: Path, adapters: bool = True, **kw) -> SimpleNamespace:
+    """A stage's arguments, with the pipeline's LoRA flags (`adapters=False`: rank 0, no adapters).
+    A stage that was interrupted before it finished resumes from its last checkpoint; one that
+    never wrote a checkpoint starts over."""
     resume = out if (out / "checkpoints" / "latest").is_file() else None
-    lora = {f.name: getattr(common, f.name, None) for f in fields(LoRAConfig)} | (
-        {} if lora else {"lora_rank": 0}
-    )
+    lora = {f.name: getattr(common, f.name, None) for f in fields(LoRAConfig)}
+    if not adapters:
+        lora["lora_rank"] = 0
     return SimpleNamespace(
         device=common.device, dtype=common.dtype, seed=common.seed, out=out, resume=resume,
         overwrite=resume is None, **lora, **kw,
@@ -263,7 +263,7 @@ def run_pipeline(common, config: PipelineConfig) -> dict:
             _args(
                 common,
                 rm_dir,
-                lora=common.lora_reward_model,
+                adapters=common.lora_reward_model,
                 model=sft_dir,
                 data=rankings_path,
                 eval_data=heldout_path,
