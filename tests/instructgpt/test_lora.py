@@ -93,9 +93,8 @@ def test_tiny_pipeline_with_lora_policies(tmp_path):
     assert "lora" not in json.loads((tmp_path / "reward" / "config.json").read_text())
     sft, _, _ = load_policy(tmp_path / "sft")
     reward, _, _ = load_reward_model(tmp_path / "reward")
-    # Trained fully: a frozen base would keep the SFT model's weights exactly.
-    assert not torch.equal(
-        reward.backbone.layers[0].attention.wq.weight, sft.layers[0].attention.wq.weight
-    )
+    # Trained fully: the change from the SFT weights is not a rank-2 LoRA update merged in.
+    delta = reward.backbone.layers[0].attention.wq.weight - sft.layers[0].attention.wq.weight
+    assert torch.linalg.matrix_rank(delta) > 2
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["evaluation"]) == {"ppo-beta0.05", "dpo-beta0.1", "dpo-beta0.1-round2"}

@@ -7,9 +7,11 @@ a notebook without it gets the text bar silently, as a terminal does.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 
+@functools.cache  # looked up once: `write` runs for every logged line
 def _tqdm_class():
     if importlib.util.find_spec("ipywidgets") is not None:
         from tqdm.auto import tqdm
