@@ -331,14 +331,47 @@ def label_smoothed_loss(
     Returns the loss summed over non-padding target tokens and their number, so callers can
     average over all tokens of a step that spans several micro-batches and processes.
     """
-    vocab = logits.size(-1)
-    log_p = F.log_softmax(logits.float(), dim=-1).reshape(-1, vocab)
-    target = target.reshape(-1)
-    real = target != pad_id
-    reference = log_p.gather(1, target[:, None]).squeeze(1)
-    others = log_p.sum(1) - reference - log_p[:, pad_id]  # every token but the reference and pad
-    loss = -(1 - smoothing) * reference - smoothing / (vocab - 2) * others
-    return (loss * real).sum(), int(real.sum())
+    real = target.reshape(-1) != pad_id
+    loss = _LabelSmoothedCrossEntropy.apply(logits, target, smoothing, pad_id)
+    return loss, int(real.sum())
+
+
+class _LabelSmoothedCrossEntropy(torch.autograd.Function):
+    """The loss above with its gradient written out, since it is computed over every token of the
+    vocabulary at every position. As q sums to one, each position's loss is
+
+        −Σ_v q_v log softmax(z)_v = logsumexp(z) − Σ_v q_v z_v,    ∂/∂z = softmax(z) − q,
+
+    so the backward pass is one softmax and three sparse corrections, where autograd through
+    log_softmax, gather and sum would write several vocabulary-sized tensors (the loss took about a
+    quarter of a training step of the `small` preset on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, smoothing: float, pad_id: int) -> Tensor:
+        vocab = logits.size(-1)
+        z = logits.reshape(-1, vocab).float()
+        target = target.reshape(-1, 1)
+        other = smoothing / (vocab - 2)  # q on every token but the reference and padding
+        lse = torch.logsumexp(z, dim=-1)
+        q_dot_z = (
+            (1 - smoothing - other) * z.gather(1, target).squeeze(1)
+            + other * z.sum(1)
+            - other * z[:, pad_id]
+        )
+        weight = (target.squeeze(1) != pad_id).float()
+        ctx.save_for_backward(logits, lse, target, weight)
+        ctx.smoothing, ctx.other, ctx.pad_id = smoothing, other, pad_id
+        return ((lse - q_dot_z) * weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, lse, target, weight = ctx.saved_tensors
+        z = logits.reshape(-1, logits.size(-1)).float()
+        g = torch.sub(z, lse[:, None]).exp_().sub_(ctx.other)  # softmax(z) − ε/(V−2)
+        g.scatter_add_(1, target, g.new_full(target.shape, ctx.other - (1 - ctx.smoothing)))
+        g[:, ctx.pad_id] += ctx.other  # q_pad = 0
+        g.mul_((weight * grad)[:, None])
+        return g.view(logits.shape).to(logits.dtype), None, None, None
 
 
 # -- decoding (§6.1) ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from transformer.attention import MultiHeadAttention, StaticKVCache
@@ -192,6 +193,34 @@ def test_label_smoothing_puts_no_mass_on_padding():
     q = torch.full((1, 5, 7), 0.1 / 5).scatter(-1, target[..., None], 0.9)
     q[..., 0] = 0
     torch.testing.assert_close(logits.grad, p - q)
+
+
+def test_label_smoothed_loss_matches_torch_soft_target_cross_entropy():
+    """Loss and gradient against torch's cross-entropy with probability targets, given the q of
+    §5.4 explicitly: padding rows count for nothing, the upstream gradient scales, and bfloat16
+    logits get a bfloat16 gradient."""
+    g = torch.Generator().manual_seed(0)
+    vocab, pad, eps = 11, 2, 0.1
+    target = torch.randint(pad + 1, vocab, (3, 6), generator=g)
+    target[0, 4:] = pad
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (3 * torch.randn(3, 6, vocab, generator=g)).to(dtype).requires_grad_()
+        loss, n = label_smoothed_loss(logits, target, smoothing=eps, pad_id=pad)
+        (0.5 * loss).backward()
+
+        reference = logits.detach().float().requires_grad_()
+        q = torch.full((3, 6, vocab), eps / (vocab - 2)).scatter(-1, target[..., None], 1 - eps)
+        q[..., pad] = 0
+        per_token = F.cross_entropy(reference.transpose(1, 2), q.transpose(1, 2), reduction="none")
+        expected = (per_token * (target != pad)).sum()
+        (0.5 * expected).backward()
+
+        assert n == int((target != pad).sum()) == 16
+        torch.testing.assert_close(loss, expected)
+        assert logits.grad.dtype == dtype
+        tol = {} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 1e-2}
+        torch.testing.assert_close(logits.grad.float(), reference.grad, **tol)
+        assert (logits.grad[0, 4:] == 0).all()
 
 
 def test_length_penalty_is_gnmt():
