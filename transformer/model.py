@@ -332,7 +332,7 @@ def label_smoothed_loss(
     average over all tokens of a step that spans several micro-batches and processes.
     """
     real = target.reshape(-1) != pad_id
-    loss = _LabelSmoothedCrossEntropy.apply(logits, target, smoothing, pad_id)
+    loss = _LabelSmoothedCrossEntropy.apply(logits, target, real, smoothing, pad_id)
     return loss, int(real.sum())
 
 
@@ -347,7 +347,9 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     step of the `small` preset on a 2-core CPU)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, smoothing: float, pad_id: int) -> Tensor:
+    def forward(
+        ctx, logits: Tensor, target: Tensor, real: Tensor, smoothing: float, pad_id: int
+    ) -> Tensor:
         vocab = logits.size(-1)
         z = logits.reshape(-1, vocab).float()
         target = target.reshape(-1, 1)
@@ -358,7 +360,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             + other * z.sum(1)
             - other * z[:, pad_id]
         )
-        weight = (target.squeeze(1) != pad_id).float()
+        weight = real.float()
         ctx.save_for_backward(logits, lse, target, weight)
         ctx.smoothing, ctx.other, ctx.pad_id = smoothing, other, pad_id
         return ((lse - q_dot_z) * weight).sum()
@@ -371,7 +373,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         g.scatter_add_(1, target, g.new_full(target.shape, ctx.other - (1 - ctx.smoothing)))
         g[:, ctx.pad_id] += ctx.other  # q_pad = 0
         g.mul_((weight * grad)[:, None])
-        return g.view(logits.shape).to(logits.dtype), None, None, None
+        return g.view(logits.shape).to(logits.dtype), None, None, None, None
 
 
 # -- decoding (§6.1) ------------------------------------------------------------------------------
