@@ -291,3 +291,34 @@ def test_the_best_validation_checkpoint_is_kept_and_survives_resume(tmp_path):
     assert resumed.load_best() == {"step": 4, "val_loss": 1.5}
     assert torch.equal(resumed_model.weight, weights_at[4])
     assert resumed.keep_best(7, 1.2) and resumed.best == {"step": 8, "val_loss": 1.2}
+
+
+_FAULTS_ON_REUSE = """
+import resource, sys, torch
+from transformer.training import select_device
+if sys.argv[1] == "cpu":
+    select_device("cpu")
+def fill():  # a block above glibc's 32 MB mmap ceiling, written once, then freed
+    torch.empty(16 * 2**20).fill_(1.0)
+fill()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+fill()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="glibc's malloc only",
+)
+def test_on_the_cpu_freed_memory_is_reused_without_page_faults():
+    # 64 MB is 16,384 pages of 4 KB: glibc's default maps them afresh and faults each one in again
+    def faults(mode):
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_ON_REUSE, mode], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    assert faults("default") > 10000
+    assert faults("cpu") < 1000
