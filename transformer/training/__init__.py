@@ -3,7 +3,8 @@
 - `errors`: `UserError` and `run_command` (one stderr line and exit 2 for a user's mistake).
 - `config`: configs that check themselves (`check_config` in `__post_init__`).
 - `cli`: config dataclasses as flags, and the flags every command takes.
-- `runtime`: device, precision, seeding, `torchrun` process groups.
+- `runtime`: device (on the CPU, glibc keeps freed memory), precision, seeding, `torchrun`
+  process groups.
 - `checkpoint`: atomic checkpoint directories read without running code.
 - `schedule`: warm-up + cosine learning rate.
 - `progress`: progress bars (widgets only where a notebook can draw them).
@@ -52,6 +53,7 @@ from .run import (
 from .runtime import (
     Distributed,
     autocast,
+    keep_freed_memory,
     seed_everything,
     select_device,
     select_dtype,
@@ -93,6 +95,7 @@ __all__ = [
     "load_weights",
     "one_line",
     "param",
+    "keep_freed_memory",
     "lock_run_directory",
     "read_config",
     "run_command",

@@ -41,9 +41,9 @@ def select_device(name: str = "auto") -> torch.device:
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process; returns whether it could.
 
-    By default glibc serves large blocks (a batch's logits, always above 32 MB) with fresh `mmap`
-    pages and hands them back on `free`, and trims the top of its heap: every step then faults
-    its big tensors in again, page by page. Turning both off (`mallopt`, as
+    By default glibc serves large blocks (every block above 32 MB, such as a batch's logits) with
+    fresh `mmap` pages and hands them back on `free`, and trims the top of its heap: every step
+    then faults its big tensors in again, page by page. Turning both off (`mallopt`, as
     `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` would at start-up) made the Multi30k training
     step 12% faster on 2 CPU cores (transformer/README.md); jemalloc or tcmalloc, which PyTorch's
     CPU performance notes suggest, do the same. Freed memory stays with the process until it
