@@ -1,6 +1,7 @@
 """Encoding one chunk: apply the learned merges to its bytes, lowest rank first (GPT-2's `bpe`,
 tiktoken's `byte_pair_merge`). Two loops give the same result: a short one for the usual chunk and a
-heap-based one for long chunks; `byte_pair_merge` chooses."""
+heap-based one for long chunks; `byte_pair_merge` chooses. `byte_pair_merge_dropout` is the
+stochastic segmentation of BPE-dropout (Provilkov et al. 2020), for training text only."""
 
 from __future__ import annotations
 
@@ -52,6 +53,33 @@ def _byte_pair_merge_short(
         if i < len(pair_ranks):
             pair_ranks[i] = rank_of(merged + parts[i + 1], NO_MERGE)
     return parts
+
+
+def byte_pair_merge_dropout(piece: bytes, rank_of, dropout: float, rng) -> list[bytes]:
+    """BPE-dropout (Provilkov, Emelianenko and Voita 2020, "BPE-Dropout: Simple and Effective
+    Subword Regularization", Algorithm 1): the merge loop, except that at every step each
+    applicable merge is dropped with probability `dropout` (their p), the lowest-ranked of the rest
+    is applied (leftmost among equals), and the segmentation ends when none is left.
+
+    `dropout` 0 gives `byte_pair_merge`'s segmentation, 1 leaves single bytes; `rng` is a
+    `random.Random`. One quadratic loop for every length: it only segments training text.
+    """
+    parts = list(map(BYTE.__getitem__, piece))
+    pair_ranks = [rank_of(piece[i : i + 2], NO_MERGE) for i in range(len(piece) - 1)]
+    draw = rng.random
+    while True:
+        kept = [r if r != NO_MERGE and draw() >= dropout else NO_MERGE for r in pair_ranks]
+        best = min(kept, default=NO_MERGE)
+        if best == NO_MERGE:
+            return parts
+        i = kept.index(best)
+        merged = parts[i] + parts.pop(i + 1)
+        parts[i] = merged
+        del pair_ranks[i]
+        if i:
+            pair_ranks[i - 1] = rank_of(parts[i - 1] + merged, NO_MERGE)
+        if i < len(pair_ranks):
+            pair_ranks[i] = rank_of(merged + parts[i + 1], NO_MERGE)
 
 
 def _byte_pair_merge_long(piece: bytes, rank_of, limit: int) -> list[bytes]:

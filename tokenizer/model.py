@@ -23,6 +23,7 @@ to and from tiktoken.
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable
@@ -38,7 +39,7 @@ from tokenizer.errors import (
     VocabSizeError,
 )
 from tokenizer.learn import learn_merges
-from tokenizer.merge import BYTE, NO_MERGE, byte_pair_merge
+from tokenizer.merge import BYTE, NO_MERGE, byte_pair_merge, byte_pair_merge_dropout
 from tokenizer.pretokenize import make_splitter, pattern_name, resolve_pattern
 
 _CACHE_LIMIT = 1 << 20  # the chunk -> ids cache is emptied when it grows past this
@@ -247,17 +248,25 @@ class BPETokenizer:
     # ----------------------------------------------------------------------------------------
     # Encoding and decoding
 
-    def encode_ordinary(self, text: str) -> list[int]:
+    def encode_ordinary(self, text: str, dropout: float = 0.0, rng=None) -> list[int]:
         """Token ids of `text`, reading special-token strings as ordinary text.
 
         Split into chunks and encode each distinct chunk once (cached: most chunks repeat).
+        With `dropout` > 0 the segmentation is BPE-dropout's random one (`byte_pair_merge_dropout`,
+        drawn from `rng`, a `random.Random`; never cached): a regulariser for training text.
         """
+        if dropout > 0:
+            rng = rng or random.Random()
+            ranks = self._ranks
+            return [
+                ranks[part]
+                for chunk in self._split(_valid_unicode(text))
+                for part in byte_pair_merge_dropout(chunk.encode("utf-8"), ranks.get, dropout, rng)
+            ]
         try:
             return self._encode_chunks(self._split(text))
         except UnicodeEncodeError:
-            # Lone surrogates are not UTF-8; tiktoken replaces them with U+FFFD, and so do we.
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return self._encode_chunks(self._split(text))
+            return self._encode_chunks(self._split(_valid_unicode(text)))
 
     def _encode_chunks(self, chunks: Iterable[str]) -> list[int]:
         cache, ids = self._cache, []
@@ -397,11 +406,16 @@ def _special_regex(tokens: Iterable[str]) -> re.Pattern:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
+def _valid_unicode(text: str) -> str:
+    """Lone surrogates are not UTF-8; tiktoken replaces them with U+FFFD, and so do we."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _utf8(text: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+        return _valid_unicode(text).encode("utf-8")
 
 
 def _hashable_in(value, table: dict) -> bool:

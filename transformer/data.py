@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import gzip
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -141,6 +141,19 @@ def encode_pairs(vocab, source: list[str], target: list[str], max_tokens: int = 
         raise DataError("no usable sentence pairs (all empty or too long)")
     src, tgt, src_text, tgt_text = map(list, zip(*pairs))
     return ParallelData(src, tgt, src_text, tgt_text, vocab.pad_id, vocab.bos_id, vocab.eos_id)
+
+
+def resegment(data: ParallelData, vocab, dropout: float, seed: str) -> ParallelData:
+    """The same pairs, both sides segmented anew with BPE-dropout at rate `dropout` (Provilkov et
+    al. 2020, §3: a new segmentation of the training data for every epoch; validation and
+    translation keep the deterministic one). `seed` fixes the draw, so a resumed run and every
+    process see the same segmentation."""
+    rng = random.Random(seed)
+    return replace(
+        data,
+        source=[vocab.encode(text, dropout, rng) for text in data.source_text],
+        target=[vocab.encode(text, dropout, rng) for text in data.target_text],
+    )
 
 
 def token_batches(

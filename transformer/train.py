@@ -6,7 +6,9 @@
 
 - Optimizer (§5.3): Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 and the warmup / inverse-square-root
   learning rate of Eq. (3).
-- Regularisation (§5.4): residual dropout (in the model config) and label smoothing ε_ls = 0.1.
+- Regularisation (§5.4): residual dropout (in the model config) and label smoothing ε_ls = 0.1;
+  not in the paper, `--bpe-dropout` (Provilkov et al. 2020) re-segments the training pairs
+  every epoch.
 - Batches (§5.1): sentence pairs grouped by length, about `--batch-tokens` source and target
   tokens per optimizer step (paper: 25,000 each). A step accumulates gradients over micro-batches
   of `--micro-batch-tokens` (what fits on the device) and over `torchrun` processes.
@@ -42,6 +44,7 @@ from .data import (
     embedded_task,
     encode_pairs,
     read_parallel,
+    resegment,
     token_batches,
 )
 from .model import Transformer, TransformerConfig, label_smoothed_loss, learning_rate
@@ -101,6 +104,11 @@ class TrainConfig:
         "size of the joint BPE vocabulary trained on the training files, special tokens included "
         "(paper: about 37,000)",
     )
+    bpe_dropout: float = param(
+        0.0,
+        "BPE-dropout (Provilkov et al. 2020): every epoch re-segments the training pairs, dropping "
+        "each applicable merge with this probability (their 0.1); 0 = the paper's fixed segmentation",
+    )
     max_sentence_tokens: int = param(
         256, "training pairs with a side longer than this many tokens are skipped"
     )
@@ -126,7 +134,7 @@ class TrainConfig:
                       "task_train_size", "task_valid_size"),
             non_negative=("checkpoint_every", "keep_checkpoints", "length_penalty", "samples"),
             below_one=("adam_beta1", "adam_beta2", "label_smoothing"),
-            probability=("target_exact_match",),
+            probability=("target_exact_match", "bpe_dropout"),
         )  # fmt: skip
 
 
@@ -293,6 +301,8 @@ def main(argv=None) -> int:
     config = dataclass_from_args(TrainConfig, args, base=PRESETS[preset].train)
     if args.out is None:
         raise TrainError("--out DIR is required: the run directory to write into")
+    if config.bpe_dropout > 0 and args.src is None:
+        raise TrainError("--bpe-dropout needs a BPE vocabulary: train on files (--src/--tgt)")
 
     dist, device = setup_distributed(args.device)
     dtype = select_dtype(args.dtype, device)
@@ -343,8 +353,16 @@ def main(argv=None) -> int:
     # Micro-batches per optimizer step, over all processes: process r takes every world-th one.
     per_step = max(1, math.ceil(config.batch_tokens / config.micro_batch_tokens))
     per_step = math.ceil(per_step / dist.world_size) * dist.world_size
+
+    def epoch_pairs(epoch: int) -> ParallelData:
+        """The training pairs as segmented for `epoch`: fixed, or drawn anew by BPE-dropout."""
+        if config.bpe_dropout == 0:
+            return train
+        return resegment(train, vocab, config.bpe_dropout, seed=f"{args.seed} {epoch}")
+
     state = run.data_state or {"epoch": 0, "index": 0}
-    batches = token_batches(train, config.micro_batch_tokens, args.seed + state["epoch"])
+    pairs = epoch_pairs(state["epoch"])
+    batches = token_batches(pairs, config.micro_batch_tokens, args.seed + state["epoch"])
     if len(batches) < per_step:
         raise TrainError(
             f"the training data fills {len(batches)} micro-batches, fewer than the {per_step} "
@@ -355,7 +373,7 @@ def main(argv=None) -> int:
     trained.train()
     for step in run.steps(config.steps):
         mine = batches[state["index"] + dist.rank : state["index"] + per_step : dist.world_size]
-        micro = [collate(train, indices) for indices in mine]
+        micro = [collate(pairs, indices) for indices in mine]
         local_tokens = sum(int((m[2] != train.pad_id).sum()) for m in micro)
         total = torch.tensor([float(local_tokens), 0.0], device=device)
         if dist.enabled:
@@ -412,7 +430,8 @@ def main(argv=None) -> int:
                 )
             reached = dist.is_main and 0 < config.target_exact_match <= exact
             state = {"epoch": state["epoch"] + 1, "index": 0}
-            batches = token_batches(train, config.micro_batch_tokens, args.seed + state["epoch"])
+            pairs = epoch_pairs(state["epoch"])
+            batches = token_batches(pairs, config.micro_batch_tokens, args.seed + state["epoch"])
             last_time = time.perf_counter()
             if dist.any(reached, device):
                 run.write(f"validation exact match reached {config.target_exact_match:.1%}: stop")

@@ -91,8 +91,9 @@ class BPE:
     def vocab_size(self) -> int:
         return self.bpe.vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        return self.bpe.encode_ordinary(text)
+    def encode(self, text: str, dropout: float = 0.0, rng=None) -> list[int]:
+        """Ids of `text`; `dropout` > 0 draws a BPE-dropout segmentation from `rng` (training)."""
+        return self.bpe.encode_ordinary(text, dropout, rng)
 
     def decode(self, ids) -> str:
         return self.bpe.decode([i for i in ids if i not in self.special_ids])

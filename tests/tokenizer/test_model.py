@@ -1,5 +1,6 @@
 """The byte-level BPE: training (against a naive reference), encoding, special tokens, files."""
 
+import random
 from collections import Counter
 
 import pytest
@@ -19,7 +20,7 @@ from tokenizer import (
     embedded_corpus,
 )
 from tokenizer.learn import learn_merges, naive_merges
-from tokenizer.merge import _byte_pair_merge_long, _byte_pair_merge_short
+from tokenizer.merge import _byte_pair_merge_long, _byte_pair_merge_short, byte_pair_merge_dropout
 from tokenizer.merge import byte_pair_merge as _byte_pair_merge
 from tokenizer.pretokenize import PATTERNS, make_splitter
 
@@ -141,6 +142,39 @@ def test_long_runs_encode_correctly(small):
     ids = small.encode_ordinary(text)
     assert small.decode(ids) == text
     assert ids == small.to_tiktoken().encode_ordinary(text)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_bpe_dropout_segments_with_its_closed_form_probabilities(p):
+    """Provilkov et al.'s Algorithm 1 on "abc" with merges ab < bc < abc: every step drops each
+    applicable merge with probability p, applies the best survivor, and stops when none is left.
+    Step 1 keeps ab (1 - p), or drops it and keeps bc (p(1 - p)), or drops both (p²); step 2
+    then keeps the merge into abc with probability 1 - p."""
+    ranks = {b"ab": 0, b"bc": 1, b"abc": 2}
+    rng, n = random.Random(0), 40_000
+    seen = Counter(tuple(byte_pair_merge_dropout(b"abc", ranks.get, p, rng)) for _ in range(n))
+    expected = {
+        (b"abc",): (1 - p) ** 2 * (1 + p),
+        (b"ab", b"c"): (1 - p) * p,
+        (b"a", b"bc"): p * p * (1 - p),
+        (b"a", b"b", b"c"): p * p,
+    }
+    assert set(seen) == set(expected)
+    for parts, probability in expected.items():
+        assert seen[parts] / n == pytest.approx(probability, abs=0.012)
+
+
+def test_bpe_dropout_round_trips_and_spans_bytes_to_the_deterministic_segmentation(small):
+    text = CORPUS[:3000] + " \ud800 lone surrogate"
+    rng = random.Random(1)
+    expected = small.encode_ordinary(text)
+    assert small.encode_ordinary(text, 1e-12, rng) == expected  # p -> 0: ordinary BPE
+    assert small.decode(small.encode_ordinary(text, 1.0, rng)) == small.decode(expected)
+    assert all(i < 256 for i in small.encode_ordinary(text, 1.0, rng))  # p = 1: bytes
+    dropped = small.encode_ordinary(text, 0.1, rng)
+    assert small.decode(dropped) == small.decode(expected)
+    assert len(expected) < len(dropped) < len(text.encode("utf-8", "replace"))
+    assert dropped != small.encode_ordinary(text, 0.1, rng)  # a new draw each time
 
 
 def test_decode_replaces_invalid_utf8(small):

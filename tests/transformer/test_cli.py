@@ -143,6 +143,8 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys):
     assert "empty" in _error_line(train.main, ["--src", str(empty), "--tgt", str(b), *out], capsys)
     assert "not found" in _error_line(train.main, ["--src", "nope", "--tgt", str(b), *out], capsys)
     assert "unknown config" in _error_line(train.main, ["--config", "huge", *out], capsys)
+    assert "BPE" in _error_line(train.main, ["--bpe-dropout", "0.1", *out], capsys)
+    assert "[0, 1]" in _error_line(train.main, ["--bpe-dropout", "1.5", *out], capsys)
     ckpt = ["--checkpoint", str(trained)]
     assert "at least 1" in _error_line(translate.main, [*ckpt, "--beam", "0"], capsys)
     assert "needs 9" in _error_line(translate.main, [*ckpt, "--average", "9"], capsys)
@@ -186,6 +188,24 @@ def test_train_and_translate_real_files_with_joint_bpe(tmp_path, capsys):
     capsys.readouterr()
     assert translate.main(["--checkpoint", str(out), "--input", str(src), "--beam", "2"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 40
+
+
+def test_bpe_dropout_run_resumes_exactly(tmp_path):
+    """--bpe-dropout re-segments the training files every epoch (one step each here); a resumed
+    run draws the same segmentations, and they change the losses."""
+    src, tgt = tmp_path / "train.de", tmp_path / "train.en"
+    src.write_text("ein Hund läuft.\nzwei Katzen schlafen.\nein Mann liest.\n" * 8)
+    tgt.write_text("a dog runs.\ntwo cats sleep.\na man reads.\n" * 8)
+    common = [*TINY, "--src", str(src), "--tgt", str(tgt), "--bpe-vocab-size", "300"]
+    common += ["--batch-tokens", "512", "--micro-batch-tokens", "512", "--checkpoint-every", "3"]
+    straight, split, fixed = tmp_path / "straight", tmp_path / "split", tmp_path / "fixed"
+    dropout = [*common, "--bpe-dropout", "0.2"]
+    assert train.main([*dropout, "--steps", "6", "--out", str(straight)]) == 0
+    assert train.main([*dropout, "--steps", "4", "--out", str(split)]) == 0
+    assert train.main([*dropout, "--steps", "6", "--out", str(split), "--resume", str(split)]) == 0
+    assert train.main([*common, "--steps", "6", "--out", str(fixed)]) == 0
+    assert _losses(split) == _losses(straight)
+    assert _losses(fixed) != _losses(straight)
 
 
 def test_bpe_run_on_parallel_files_translates_from_its_checkpoint(tmp_path, capsys):

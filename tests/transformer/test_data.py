@@ -10,6 +10,7 @@ from transformer.data import (
     embedded_task,
     encode_pairs,
     read_parallel,
+    resegment,
     reverse_and_spell,
     token_batches,
 )
@@ -65,3 +66,16 @@ def test_bpe_translation_vocabulary_has_its_specials_after_the_merges():
         source.size(1) - len(vocab.encode("ein Hund")) - 1
     )
     assert vocab.decode(target_out[0].tolist()) == "a dog"
+
+
+def test_resegment_draws_a_reproducible_bpe_dropout_segmentation_of_the_same_pairs():
+    texts = ["ein Hund läuft im Park", "a dog runs in the park", "zwei Hunde laufen"] * 5
+    vocab = BPE.train(texts, 300, special_tokens=TRANSLATION_SPECIALS, progress=False)
+    data = encode_pairs(vocab, texts[0::2], texts[1::2])
+    first = resegment(data, vocab, 0.3, seed="0 1")
+    assert first.source_text == data.source_text and first.target_text == data.target_text
+    assert [vocab.decode(ids) for ids in first.source] == data.source_text
+    assert [vocab.decode(ids) for ids in first.target] == data.target_text
+    assert sum(map(len, first.source)) > sum(map(len, data.source))
+    assert resegment(data, vocab, 0.3, seed="0 1") == first  # what resume relies on
+    assert resegment(data, vocab, 0.3, seed="0 2").source != first.source
