@@ -1,7 +1,7 @@
 """Encoding one chunk: apply the learned merges to its bytes, lowest rank first (GPT-2's `bpe`,
 tiktoken's `byte_pair_merge`). Two loops give the same result: a short one for the usual chunk and a
-heap-based one for long chunks; `byte_pair_merge` chooses. `byte_pair_merge_dropout` is the
-stochastic segmentation of BPE-dropout (Provilkov et al. 2020), for training text only."""
+heap-based one for long chunks; `byte_pair_merge` chooses. With `dropout` > 0 the short loop
+draws BPE-dropout's random segmentation (Provilkov et al. 2020), for training text only."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ BYTE = [bytes([b]) for b in range(256)]
 
 
 def byte_pair_merge(
-    piece: bytes, rank_of, limit: int = NO_MERGE, byte_pair_ranks: list[int] | None = None
+    piece: bytes,
+    rank_of,
+    limit: int = NO_MERGE,
+    byte_pair_ranks: list[int] | None = None,
+    dropout: float = 0.0,
+    rng=None,
 ) -> list[bytes]:
     """Split `piece` into tokens by merging, lowest rank first, pairs ranked below `limit`.
 
@@ -21,19 +26,33 @@ def byte_pair_merge(
     pieces keep a list of pair ranks and find the best with C-level `min` and `index`;
     long ones use a heap so that a 100 kB run of one character does not take quadratic time.
     `byte_pair_ranks` (first byte * 256 + second byte -> rank) speeds up the short loop's start.
+
+    BPE-dropout (Provilkov, Emelianenko and Voita 2020, "BPE-Dropout: Simple and Effective
+    Subword Regularization", Algorithm 1): with `dropout` > 0, at every step each applicable merge
+    is dropped with that probability (their p, drawn from `rng`, a `random.Random`), the best of
+    the rest is applied, and the segmentation ends when none is left; 1 leaves single bytes. It
+    runs the short loop at every length: it only segments training text.
     """
+    if dropout > 0:
+        return _byte_pair_merge_short(piece, rank_of, limit, byte_pair_ranks, dropout, rng)
     if len(piece) > LONG_CHUNK:
         return _byte_pair_merge_long(piece, rank_of, limit)
     return _byte_pair_merge_short(piece, rank_of, limit, byte_pair_ranks)
 
 
 def _byte_pair_merge_short(
-    piece: bytes, rank_of, limit: int, byte_pair_ranks: list[int] | None = None
+    piece: bytes,
+    rank_of,
+    limit: int,
+    byte_pair_ranks: list[int] | None = None,
+    dropout: float = 0.0,
+    rng=None,
 ) -> list[bytes]:
     """`_byte_pair_merge` in O(n^2) with C-level steps: fastest for the usual short chunk.
 
     `byte_pair_ranks` (first byte * 256 + second byte -> rank) is an optional faster table
-    for the ranks of the initial byte pairs.
+    for the ranks of the initial byte pairs. With `dropout` > 0 each step considers only the
+    merges that survive a fresh draw (BPE-dropout).
     """
     parts = list(map(BYTE.__getitem__, piece))
     if byte_pair_ranks is None:
@@ -41,37 +60,12 @@ def _byte_pair_merge_short(
     else:
         pair_ranks = [byte_pair_ranks[a << 8 | b] for a, b in zip(piece, piece[1:])]
     while pair_ranks:
-        best = min(pair_ranks)
+        kept = pair_ranks
+        if dropout:
+            kept = [r if r < limit and rng.random() >= dropout else NO_MERGE for r in pair_ranks]
+        best = min(kept)
         if best >= limit:
             break
-        i = pair_ranks.index(best)
-        merged = parts[i] + parts.pop(i + 1)
-        parts[i] = merged
-        del pair_ranks[i]
-        if i:
-            pair_ranks[i - 1] = rank_of(parts[i - 1] + merged, NO_MERGE)
-        if i < len(pair_ranks):
-            pair_ranks[i] = rank_of(merged + parts[i + 1], NO_MERGE)
-    return parts
-
-
-def byte_pair_merge_dropout(piece: bytes, rank_of, dropout: float, rng) -> list[bytes]:
-    """BPE-dropout (Provilkov, Emelianenko and Voita 2020, "BPE-Dropout: Simple and Effective
-    Subword Regularization", Algorithm 1): the merge loop, except that at every step each
-    applicable merge is dropped with probability `dropout` (their p), the lowest-ranked of the rest
-    is applied (leftmost among equals), and the segmentation ends when none is left.
-
-    `dropout` 0 gives `byte_pair_merge`'s segmentation, 1 leaves single bytes; `rng` is a
-    `random.Random`. One quadratic loop for every length: it only segments training text.
-    """
-    parts = list(map(BYTE.__getitem__, piece))
-    pair_ranks = [rank_of(piece[i : i + 2], NO_MERGE) for i in range(len(piece) - 1)]
-    draw = rng.random
-    while True:
-        kept = [r if r != NO_MERGE and draw() >= dropout else NO_MERGE for r in pair_ranks]
-        best = min(kept, default=NO_MERGE)
-        if best == NO_MERGE:
-            return parts
         i = kept.index(best)
         merged = parts[i] + parts.pop(i + 1)
         parts[i] = merged
@@ -80,6 +74,7 @@ def byte_pair_merge_dropout(piece: bytes, rank_of, dropout: float, rng) -> list[
             pair_ranks[i - 1] = rank_of(parts[i - 1] + merged, NO_MERGE)
         if i < len(pair_ranks):
             pair_ranks[i] = rank_of(merged + parts[i + 1], NO_MERGE)
+    return parts
 
 
 def _byte_pair_merge_long(piece: bytes, rank_of, limit: int) -> list[bytes]:

@@ -39,7 +39,7 @@ from tokenizer.errors import (
     VocabSizeError,
 )
 from tokenizer.learn import learn_merges
-from tokenizer.merge import BYTE, NO_MERGE, byte_pair_merge, byte_pair_merge_dropout
+from tokenizer.merge import BYTE, NO_MERGE, byte_pair_merge
 from tokenizer.pretokenize import make_splitter, pattern_name, resolve_pattern
 
 _CACHE_LIMIT = 1 << 20  # the chunk -> ids cache is emptied when it grows past this
@@ -252,16 +252,17 @@ class BPETokenizer:
         """Token ids of `text`, reading special-token strings as ordinary text.
 
         Split into chunks and encode each distinct chunk once (cached: most chunks repeat).
-        With `dropout` > 0 the segmentation is BPE-dropout's random one (`byte_pair_merge_dropout`,
-        drawn from `rng`, a `random.Random`; never cached): a regulariser for training text.
+        With `dropout` > 0 the segmentation is BPE-dropout's random one (`byte_pair_merge`, drawn
+        from `rng`, a `random.Random`; never cached): a regulariser for training text.
         """
         if dropout > 0:
-            rng = rng or random.Random()
-            ranks = self._ranks
+            rng, ranks = rng or random.Random(), self._ranks
             return [
                 ranks[part]
                 for chunk in self._split(_valid_unicode(text))
-                for part in byte_pair_merge_dropout(chunk.encode("utf-8"), ranks.get, dropout, rng)
+                for part in byte_pair_merge(
+                    chunk.encode("utf-8"), ranks.get, NO_MERGE, self._byte_pair_ranks, dropout, rng
+                )
             ]
         try:
             return self._encode_chunks(self._split(text))

@@ -145,8 +145,8 @@ def encode_pairs(vocab, source: list[str], target: list[str], max_tokens: int = 
 
 def resegment(data: ParallelData, vocab, dropout: float, seed: str) -> ParallelData:
     """The same pairs, both sides segmented anew with BPE-dropout at rate `dropout` (Provilkov et
-    al. 2020, §3: a new segmentation of the training data for every epoch; validation and
-    translation keep the deterministic one). `seed` fixes the draw, so a resumed run and every
+    al. 2020: random segmentations in training, the deterministic one for validation and
+    translation; training draws one per epoch). `seed` fixes the draw, so a resumed run and every
     process see the same segmentation."""
     rng = random.Random(seed)
     return replace(

@@ -20,7 +20,7 @@ from tokenizer import (
     embedded_corpus,
 )
 from tokenizer.learn import learn_merges, naive_merges
-from tokenizer.merge import _byte_pair_merge_long, _byte_pair_merge_short, byte_pair_merge_dropout
+from tokenizer.merge import _byte_pair_merge_long, _byte_pair_merge_short
 from tokenizer.merge import byte_pair_merge as _byte_pair_merge
 from tokenizer.pretokenize import PATTERNS, make_splitter
 
@@ -152,7 +152,8 @@ def test_bpe_dropout_segments_with_its_closed_form_probabilities(p):
     then keeps the merge into abc with probability 1 - p."""
     ranks = {b"ab": 0, b"bc": 1, b"abc": 2}
     rng, n = random.Random(0), 40_000
-    seen = Counter(tuple(byte_pair_merge_dropout(b"abc", ranks.get, p, rng)) for _ in range(n))
+    draws = (_byte_pair_merge(b"abc", ranks.get, dropout=p, rng=rng) for _ in range(n))
+    seen = Counter(map(tuple, draws))
     expected = {
         (b"abc",): (1 - p) ** 2 * (1 + p),
         (b"ab", b"c"): (1 - p) * p,
