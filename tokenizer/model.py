@@ -256,14 +256,9 @@ class BPETokenizer:
         from `rng`, a `random.Random`; never cached): a regulariser for training text.
         """
         if dropout > 0:
-            rng, ranks = rng or random.Random(), self._ranks
-            return [
-                ranks[part]
-                for chunk in self._split(_valid_unicode(text))
-                for part in byte_pair_merge(
-                    chunk.encode("utf-8"), ranks.get, NO_MERGE, self._byte_pair_ranks, dropout, rng
-                )
-            ]
+            rng = rng or random.Random()
+            chunks = self._split(_valid_unicode(text))
+            return [i for chunk in chunks for i in self._encode_chunk(chunk, dropout, rng)]
         try:
             return self._encode_chunks(self._split(text))
         except UnicodeEncodeError:
@@ -366,14 +361,15 @@ class BPETokenizer:
             self._special_regex[tokens] = _special_regex(tokens)
         return self._special_regex[tokens]
 
-    def _encode_chunk(self, chunk: str) -> list[int]:
-        """The ids of one chunk: one lookup when it is a single token, else the merge loop."""
+    def _encode_chunk(self, chunk: str, dropout: float = 0.0, rng=None) -> list[int]:
+        """The ids of one chunk: one lookup when it is a single token, else the merge loop
+        (always the loop under BPE-dropout, which may split even a whole-token chunk)."""
         piece = chunk.encode("utf-8")
-        rank = self._ranks.get(piece)
-        if rank is not None:
-            return [rank]
         ranks = self._ranks
-        parts = byte_pair_merge(piece, ranks.get, NO_MERGE, self._byte_pair_ranks)
+        rank = ranks.get(piece)
+        if rank is not None and not dropout:
+            return [rank]
+        parts = byte_pair_merge(piece, ranks.get, NO_MERGE, self._byte_pair_ranks, dropout, rng)
         return [ranks[part] for part in parts]
 
     # ----------------------------------------------------------------------------------------

@@ -354,15 +354,16 @@ def main(argv=None) -> int:
     per_step = max(1, math.ceil(config.batch_tokens / config.micro_batch_tokens))
     per_step = math.ceil(per_step / dist.world_size) * dist.world_size
 
-    def epoch_pairs(epoch: int) -> ParallelData:
-        """The training pairs as segmented for `epoch`: fixed, or drawn anew by BPE-dropout."""
-        if config.bpe_dropout == 0:
-            return train
-        return resegment(train, vocab, config.bpe_dropout, seed=f"{args.seed} {epoch}")
+    def epoch_batches(epoch: int) -> tuple[ParallelData, list[list[int]]]:
+        """The training pairs as segmented for `epoch` (fixed, or drawn anew by BPE-dropout) and
+        their micro-batches in that epoch's order."""
+        pairs = train
+        if config.bpe_dropout > 0:
+            pairs = resegment(train, vocab, config.bpe_dropout, seed=f"{args.seed} {epoch}")
+        return pairs, token_batches(pairs, config.micro_batch_tokens, args.seed + epoch)
 
     state = run.data_state or {"epoch": 0, "index": 0}
-    pairs = epoch_pairs(state["epoch"])
-    batches = token_batches(pairs, config.micro_batch_tokens, args.seed + state["epoch"])
+    pairs, batches = epoch_batches(state["epoch"])
     if len(batches) < per_step:
         raise TrainError(
             f"the training data fills {len(batches)} micro-batches, fewer than the {per_step} "
@@ -430,8 +431,7 @@ def main(argv=None) -> int:
                 )
             reached = dist.is_main and 0 < config.target_exact_match <= exact
             state = {"epoch": state["epoch"] + 1, "index": 0}
-            pairs = epoch_pairs(state["epoch"])
-            batches = token_batches(pairs, config.micro_batch_tokens, args.seed + state["epoch"])
+            pairs, batches = epoch_batches(state["epoch"])
             last_time = time.perf_counter()
             if dist.any(reached, device):
                 run.write(f"validation exact match reached {config.target_exact_match:.1%}: stop")
