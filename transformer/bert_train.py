@@ -70,6 +70,7 @@ from .training import (
     run_command,
     select_dtype,
     setup_distributed,
+    weight_decay_groups,
 )
 
 PACKAGE = "transformer.bert"
@@ -370,12 +371,6 @@ class PretrainingLoss(nn.Module):
         return mlm_sum, correct, nsp
 
 
-def decay_parameters(model: nn.Module) -> tuple[list, list]:
-    """(with weight decay, without): BERT decays every weight matrix, not biases and LayerNorm."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [p for p in trainable if p.dim() >= 2], [p for p in trainable if p.dim() < 2]
-
-
 def linear_schedule(step: int, config: TrainConfig) -> float:
     """Linear warm-up to the peak, then linear decay to 0 at the last step (BERT's schedule)."""
     if step < config.warmup_steps:
@@ -490,10 +485,8 @@ def main(argv=None) -> int:
         train_data = PairData(a_lines, b_lines, tokenizer, train_cfg, args.seed)
         valid_data = PairData(valid_a, valid_b, tokenizer, train_cfg, args.seed + 1)
     model.to(device)
-    decay, no_decay = decay_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train_cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
+    optimizer = torch.optim.AdamW(  # BERT decays every weight matrix, not biases and LayerNorm
+        weight_decay_groups(model, train_cfg.weight_decay),
         lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), eps=train_cfg.adam_eps,
     )  # fmt: skip
     run = TrainingRun(

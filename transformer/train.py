@@ -5,7 +5,7 @@
         --valid-src val.de.gz --valid-tgt val.en.gz --config small --out runs/m30k
 
 - Optimizer (§5.3): Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 and the warmup / inverse-square-root
-  learning rate of Eq. (3).
+  learning rate of Eq. (3); not in the paper, `--weight-decay` adds AdamW's decoupled decay.
 - Regularisation (§5.4): residual dropout (in the model config) and label smoothing ε_ls = 0.1;
   not in the paper, `--bpe-dropout` (Provilkov et al. 2020) re-segments the training pairs
   every epoch.
@@ -66,6 +66,7 @@ from .training import (
     run_command,
     select_dtype,
     setup_distributed,
+    weight_decay_groups,
 )
 from .translate import corpus_bleu, translate_sentences
 from .vocabulary import (
@@ -98,6 +99,11 @@ class TrainConfig:
     adam_beta1: float = param(0.9, "Adam β1 (§5.3)")
     adam_beta2: float = param(0.98, "Adam β2 (§5.3)")
     adam_eps: float = param(1e-9, "Adam ε (§5.3)")
+    weight_decay: float = param(
+        0.0,
+        "decoupled weight decay (AdamW, Loshchilov & Hutter 2019) on the weight matrices and "
+        "embeddings, not on biases and LayerNorm; 0 = the paper's Adam",
+    )
     label_smoothing: float = param(0.1, "ε_ls of label smoothing (§5.4)")
     bpe_vocab_size: int = param(
         37000,
@@ -132,7 +138,8 @@ class TrainConfig:
             positive=("steps", "batch_tokens", "micro_batch_tokens", "warmup_steps", "lr_scale",
                       "adam_eps", "bpe_vocab_size", "max_sentence_tokens", "beam_size",
                       "task_train_size", "task_valid_size"),
-            non_negative=("checkpoint_every", "keep_checkpoints", "length_penalty", "samples"),
+            non_negative=("checkpoint_every", "keep_checkpoints", "length_penalty", "samples",
+                          "weight_decay"),
             below_one=("adam_beta1", "adam_beta2", "label_smoothing"),
             probability=("target_exact_match", "bpe_dropout"),
         )  # fmt: skip
@@ -315,8 +322,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)  # identical initial weights on every process
     model = Transformer(model_config).to(device)
-    optimizer = torch.optim.Adam(
-        model.parameters(),
+    optimizer = torch.optim.AdamW(  # with weight decay 0 (the default) it is the paper's Adam
+        weight_decay_groups(model, config.weight_decay),
         lr=0.0,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,

@@ -55,6 +55,7 @@ from transformer.training import (
     select_dtype,
     setup_distributed,
     warmup_cosine,
+    weight_decay_groups,
 )
 from transformer.vocabulary import BPE
 
@@ -241,15 +242,8 @@ def learning_rate(step: int, cfg: TrainConfig, progress: float | None = None) ->
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (embeddings, projections) but not on norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
     return torch.optim.AdamW(
-        groups,
+        weight_decay_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from transformer import train, translate
+from transformer.training import find_checkpoint, load_train_state
 from transformer.translate import average_state_dicts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +52,14 @@ def test_train_writes_run_and_checkpoints(trained, capsys):
 
 def test_resume_continues_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = [*TINY, "--dropout", "0.1", "--checkpoint-every", "3"]
+    common = [*TINY, "--dropout", "0.1", "--weight-decay", "0.1", "--checkpoint-every", "3"]
     assert train.main([*common, "--steps", "8", "--out", str(straight)]) == 0
     assert train.main([*common, "--steps", "5", "--out", str(split)]) == 0
     # The split run stopped at step 5 (and wrote a checkpoint there); continue it to 8.
     assert train.main([*common, "--steps", "8", "--out", str(split), "--resume", str(split)]) == 0
     assert _losses(split) == _losses(straight)
+    groups = load_train_state(find_checkpoint(split))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]  # matrices; biases and LayerNorm
 
 
 def test_two_process_gloo_run(tmp_path):
@@ -145,6 +148,7 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys):
     assert "unknown config" in _error_line(train.main, ["--config", "huge", *out], capsys)
     assert "BPE" in _error_line(train.main, ["--bpe-dropout", "0.1", *out], capsys)
     assert "[0, 1]" in _error_line(train.main, ["--bpe-dropout", "1.5", *out], capsys)
+    assert "weight_decay" in _error_line(train.main, ["--weight-decay", "-0.1", *out], capsys)
     ckpt = ["--checkpoint", str(trained)]
     assert "at least 1" in _error_line(translate.main, [*ckpt, "--beam", "0"], capsys)
     assert "needs 9" in _error_line(translate.main, [*ckpt, "--average", "9"], capsys)

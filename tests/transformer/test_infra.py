@@ -321,3 +321,45 @@ def test_on_the_cpu_freed_memory_is_reused_without_page_faults():
 
     assert faults("default") > 10000
     assert faults("cpu") < 1000
+
+
+def test_weight_decay_is_decoupled_and_spares_biases_and_layer_norms():
+    """AdamW's decay (Loshchilov & Hutter 2019, Algorithm 2, line 12): with zero gradients, one
+    step shrinks every weight matrix and the tied embedding by exactly lr·λ of itself and leaves
+    biases and LayerNorm alone (a coupled L2 penalty would move each weight by about lr instead)."""
+    from transformer import Transformer, TransformerConfig
+    from transformer.training import weight_decay_groups
+
+    config = TransformerConfig(  # pre-norm: with the stacks' final LayerNorms too
+        vocab_size=40,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        pre_norm=True,
+    )
+    model = Transformer(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    spared = [name for name in before if name.endswith(".bias") or "norm" in name]
+    assert len(spared) > 10 and "source_embedding.tokens.weight" in before
+    for name, p in model.named_parameters():
+        expected = before[name] if name in spared else before[name] * (1 - 0.01 * 0.1)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7, msg=name)
+
+
+def test_an_optimizer_state_that_does_not_fit_is_one_error(tmp_path):
+    """A checkpoint whose optimizer had other parameter groups (e.g. saved before a trainer split
+    its parameters for weight decay) is refused by name, not with torch's traceback."""
+    from transformer.training import TrainingRun
+
+    model = torch.nn.Linear(3, 2)
+    one_group = torch.optim.SGD(model.parameters(), lr=0.1)
+    TrainingRun(tmp_path / "a", "toy", {"d": 3}, {}, model, one_group).save(1)
+    two_groups = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        TrainingRun(tmp_path / "b", "toy", {"d": 3}, {}, model, two_groups, resume=tmp_path / "a")

@@ -6,7 +6,7 @@
 - `runtime`: device (on the CPU, glibc keeps freed memory), precision, seeding, `torchrun`
   process groups.
 - `checkpoint`: atomic checkpoint directories read without running code.
-- `schedule`: warm-up + cosine learning rate.
+- `schedule`: warm-up + cosine learning rate, AdamW's weight-decay groups.
 - `progress`: progress bars (widgets only where a notebook can draw them).
 - `run`: a run directory (lock, `metrics.jsonl`, checkpoints, resume, Ctrl-C, non-finite values).
 
@@ -59,7 +59,7 @@ from .runtime import (
     select_dtype,
     setup_distributed,
 )
-from .schedule import set_lr, warmup_cosine
+from .schedule import set_lr, warmup_cosine, weight_decay_groups
 
 __all__ = [
     "progress_bar",
@@ -106,4 +106,5 @@ __all__ = [
     "set_lr",
     "setup_distributed",
     "warmup_cosine",
+    "weight_decay_groups",
 ]

@@ -62,7 +62,7 @@ from .checkpoint import (
     unwrap,
     write_json_atomic,
 )
-from .errors import UserError
+from .errors import UserError, one_line
 from .progress import progress_bar, progress_write
 from .runtime import Distributed
 
@@ -247,7 +247,13 @@ class TrainingRun:
         load_weights(checkpoint, self.model)
         state = load_train_state(checkpoint)
         if self.optimizer is not None and "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as exc:  # e.g. other parameter groups than the run that saved it
+                raise CheckpointError(
+                    f"{checkpoint}: its optimizer state does not fit this run's optimizer "
+                    f"({one_line(exc)})"
+                ) from None
         rng = state["rng"]
         set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         self.start_step = int(state["step"])
