@@ -224,10 +224,10 @@ INT4_ROW_BLOCK = 64  # rows per block of the packed layout
 
 
 def pack_int4(codes: Tensor) -> Tensor:
-    """(rows, k) codes 0..15, rows a multiple of 64 -> (rows, k / 2) bytes in the layout PyTorch's
-    CPU int4 kernel reads (what `aten._convert_weight_to_int4pack_for_cpu` produces; tested):
-    in each block of 64 rows, row j's and row j + 32's codes for input k share byte k·32 + j of the
-    block, row j in the low nibble."""
+    """(rows, k) codes 0..15, rows a multiple of 64 -> (rows, k / 2) bytes in the stored layout, the
+    one PyTorch's CPU int4 kernel reads on an AVX-512 machine: in each block of 64 rows, row j's and
+    row j + 32's codes for input k share byte k·32 + j of the block, row j in the low nibble.
+    Other CPUs read other layouts (AVX2: blocks of 32 rows); `kernel_int4_layout` converts."""
     rows, k = codes.shape
     blocks = codes.to(torch.uint8).view(-1, INT4_ROW_BLOCK, k)
     half = INT4_ROW_BLOCK // 2
@@ -242,6 +242,17 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.cat([blocks & 0xF, blocks >> 4], 1).reshape(rows, k)
 
 
+def kernel_int4_layout(packed: Tensor) -> Tensor:
+    """`packed` (the stored layout) as this machine's int4 kernel reads it. PyTorch packs for the
+    CPU's vector width (`aten._convert_weight_to_int4pack_for_cpu`: blocks of 64 rows with AVX-512,
+    32 with AVX2, other pairings without either), so checkpoints keep one layout and the kernel gets
+    a copy made by PyTorch's own packer; where the two agree (AVX-512) it is `packed` itself."""
+    if packed.device.type != "cpu":  # off the CPU the layers dequantise instead
+        return packed
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).int(), 1)
+    return packed if torch.equal(theirs, packed) else theirs
+
+
 class Int4Linear(KernelLinear):
     """int4 group-wise, round to nearest (gpt-fast's `WeightOnlyInt4Linear`): each group of
     `group_size` consecutive input weights of a row gets its own scale and offset from its range,
@@ -249,9 +260,11 @@ class Int4Linear(KernelLinear):
     0..15 and read as (q - 8) · s + z. 4 bits per weight plus two bfloat16 constants per group (with
     groups of 64: 4.5 bits per weight); bfloat16 is what the kernel reads, as in gpt-fast.
 
-    Stored as the kernel reads it (`pack_int4`): the codes, two per byte, and the (groups, rows, 2)
-    scales and offsets. Rows are padded to a multiple of 64 and inputs to a multiple of the group
-    size with zeros (the forward pads its input and drops the padded outputs)."""
+    Stored as the kernel reads it on an AVX-512 CPU (`pack_int4`): the codes, two per byte, and the
+    (groups, rows, 2) scales and offsets; on other CPUs the kernel reads a repacked copy of the codes
+    (`kernel_int4_layout`, made when the layer is built or loaded). Rows are padded to a multiple of
+    64 and inputs to a multiple of the group size with zeros (the forward pads its input and drops
+    the padded outputs)."""
 
     bits = "int4"
 
@@ -277,6 +290,11 @@ class Int4Linear(KernelLinear):
         self.register_buffer("weight_q", pack_int4(codes.view(weight.shape)))
         scales_and_zeros = torch.stack([scale, zero], -1).transpose(0, 1).to(KERNEL_DTYPE)
         self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())  # (groups, rows, 2)
+        self.kernel_weight = kernel_int4_layout(self.weight_q)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.kernel_weight = kernel_int4_layout(self.weight_q)  # the loaded codes, for this CPU
 
     def dequantized_weight(self) -> Tensor:
         scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (rows, groups)
@@ -289,7 +307,7 @@ class Int4Linear(KernelLinear):
         if self.weight_q.size(1) * 2 != self.in_features:
             x = F.pad(x, (0, self.weight_q.size(1) * 2 - self.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.weight_q, self.group_size, self.scales_and_zeros.to(KERNEL_DTYPE)
+            x, self.kernel_weight, self.group_size, self.scales_and_zeros.to(KERNEL_DTYPE)
         )  # .to: a no-op unless model.to(dtype) converted the constants
         return y if y.size(1) == self.out_features else y[:, : self.out_features]
 

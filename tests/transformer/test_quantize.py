@@ -2,6 +2,11 @@
 numbers, hand-computed codes and the error bounds their constants imply; the int8/int4 CPU kernels
 against a plain matmul with the dequantised weight; QLoRA = a quantised base with LoRA on top."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -32,6 +37,8 @@ PAPER_NF4 = [
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ]  # fmt: skip
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_nf4_code_book_is_the_papers_table():
@@ -110,12 +117,62 @@ def test_int4_codes_of_a_hand_made_group():
     torch.testing.assert_close(q.dequantized_weight()[0], row, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("rows,cols", [(64, 32), (128, 64), (192, 1376), (64, 4096)])
-def test_int4_packing_is_the_layout_of_pytorchs_cpu_kernel(rows, cols):
+def test_int4_stored_layout_is_the_avx512_kernels_on_every_machine():
+    """The layout checkpoints keep, by hand: in a block of 64 rows, byte k·32 + j holds row j's
+    code for input k in its low nibble and row j + 32's in its high one (PyTorch's AVX-512 packing,
+    `aten._convert_weight_to_int4pack_for_cpu`); `unpack_int4` inverts it."""
+    rows, cols = 128, 6
     codes = torch.randint(0, 16, (rows, cols), dtype=torch.int32)
-    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(pack_int4(codes), theirs)
-    assert torch.equal(unpack_int4(theirs).int(), codes)
+    flat = pack_int4(codes).flatten()
+    for block in range(rows // 64):
+        for k in range(cols):
+            for j in range(32):
+                byte = int(flat[block * 64 * cols // 2 + k * 32 + j])
+                low, high = codes[block * 64 + j, k], codes[block * 64 + j + 32, k]
+                assert byte == int(low) | int(high) << 4
+    assert torch.equal(unpack_int4(pack_int4(codes)).int(), codes)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert torch.equal(
+            pack_int4(codes), torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        )
+
+
+INT4_ON_ANOTHER_CPU = """
+import torch
+from torch import nn
+from transformer.quantize import Int4Linear, pack_int4, kernel_int4_layout
+torch.manual_seed(0)
+linear = nn.Linear(100, 130)  # rows padded to 192: three 64-row blocks, six 32-row ones
+stored = Int4Linear(linear, group_size=32)
+loaded = Int4Linear(nn.Linear(100, 130), group_size=32)
+loaded.load_state_dict(stored.state_dict())  # a checkpoint's codes, in the stored layout
+x = torch.randn(3, 100)
+expected = x.bfloat16().float() @ stored.dequantized_weight().T + linear.bias.detach()
+error = max((q(x) - expected).abs().max().item() for q in (stored, loaded)) / expected.abs().max().item()
+same = kernel_int4_layout(stored.weight_q) is stored.weight_q
+print(torch.backends.cpu.get_cpu_capability(), error, same)
+"""
+
+
+def test_int4_kernel_reads_stored_codes_under_every_cpu_capability():
+    """PyTorch's int4 kernel reads another packing per CPU vector width (AVX-512, AVX2, neither;
+    forced here with ATEN_CPU_CAPABILITY): a layer built or loaded from stored codes gives the
+    dequantised matmul under each, and only AVX-512 reads the stored bytes as they are."""
+    seen = {}
+    levels = ["default", "avx2", "avx512"]  # forcing one the CPU lacks stops it (SIGILL)
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    tried = levels[: levels.index(native) + 1] if native in levels else levels[:1]
+    for capability in tried:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": capability}
+        result = subprocess.run(
+            [sys.executable, "-c", INT4_ON_ANOTHER_CPU], capture_output=True, text=True, env=env
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        name, error, same = result.stdout.split()
+        assert float(error) < 1e-2, (capability, name, error)  # bf16 rounding; a wrong layout: ~1
+        assert same == str(name == "AVX512"), (name, same)
+        seen[name] = capability
+    assert len(seen) == len(tried)  # each forced capability took effect
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
