@@ -262,7 +262,7 @@ class Int4Linear(KernelLinear):
 
     Stored as the kernel reads it on an AVX-512 CPU (`pack_int4`): the codes, two per byte, and the
     (groups, rows, 2) scales and offsets; on other CPUs the kernel reads a repacked copy of the codes
-    (`kernel_int4_layout`, made when the layer is built or loaded). Rows are padded to a multiple of
+    (`kernel_int4_layout`, made at its first call after building or loading). Rows are padded to a multiple of
     64 and inputs to a multiple of the group size with zeros (the forward pads its input and drops
     the padded outputs)."""
 
@@ -290,11 +290,11 @@ class Int4Linear(KernelLinear):
         self.register_buffer("weight_q", pack_int4(codes.view(weight.shape)))
         scales_and_zeros = torch.stack([scale, zero], -1).transpose(0, 1).to(KERNEL_DTYPE)
         self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())  # (groups, rows, 2)
-        self.kernel_weight = kernel_int4_layout(self.weight_q)
+        self.kernel_weight = None  # the codes as this CPU's kernel reads them, made at first use
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self.kernel_weight = kernel_int4_layout(self.weight_q)  # the loaded codes, for this CPU
+        self.kernel_weight = None  # repacked from the loaded codes at the next call
 
     def dequantized_weight(self) -> Tensor:
         scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (rows, groups)
@@ -306,6 +306,8 @@ class Int4Linear(KernelLinear):
     def kernel(self, x: Tensor) -> Tensor:
         if self.weight_q.size(1) * 2 != self.in_features:
             x = F.pad(x, (0, self.weight_q.size(1) * 2 - self.in_features))
+        if self.kernel_weight is None:
+            self.kernel_weight = kernel_int4_layout(self.weight_q)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.kernel_weight, self.group_size, self.scales_and_zeros.to(KERNEL_DTYPE)
         )  # .to: a no-op unless model.to(dtype) converted the constants

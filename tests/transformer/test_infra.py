@@ -327,19 +327,11 @@ def test_weight_decay_is_decoupled_and_spares_biases_and_layer_norms():
     """AdamW's decay (Loshchilov & Hutter 2019, Algorithm 2, line 12): with zero gradients, one
     step shrinks every weight matrix and the tied embedding by exactly lr·λ of itself and leaves
     biases and LayerNorm alone (a coupled L2 penalty would move each weight by about lr instead)."""
-    from transformer import Transformer, TransformerConfig
+    from transformer import Transformer
+    from transformer.train import PRESETS
     from transformer.training import weight_decay_groups
 
-    config = TransformerConfig(  # pre-norm: with the stacks' final LayerNorms too
-        vocab_size=40,
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        n_encoder_layers=1,
-        n_decoder_layers=1,
-        pre_norm=True,
-    )
-    model = Transformer(config)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"].model, vocab_size=40))  # pre-norm
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=0.01)
     for p in model.parameters():
