@@ -62,6 +62,18 @@ def test_resume_continues_exactly(tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]  # matrices; biases and LayerNorm
 
 
+def test_time_limit_stops_after_the_step_that_reaches_it_and_ends_as_usual(tmp_path, capsys):
+    out = tmp_path / "run"
+    # A limit of a microsecond has passed once the first step ends: one step, not 50.
+    args = [*TINY, "--steps", "50", "--time-limit", "1.7e-8", "--out", str(out)]
+    assert train.main(args) == 0
+    assert "time limit of 1.7e-08 minutes reached after step 1" in capsys.readouterr().out
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_0000001"]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1]  # one training row
+    assert "final_bleu" in records[-1]  # the final validation still ran
+
+
 def test_two_process_gloo_run(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*TINY, "--dropout", "0", "--steps", "3", "--checkpoint-every", "0"]
@@ -149,6 +161,7 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys):
     assert "BPE" in _error_line(train.main, ["--bpe-dropout", "0.1", *out], capsys)
     assert "[0, 1]" in _error_line(train.main, ["--bpe-dropout", "1.5", *out], capsys)
     assert "weight_decay" in _error_line(train.main, ["--weight-decay", "-0.1", *out], capsys)
+    assert "time_limit" in _error_line(train.main, ["--time-limit", "-1", *out], capsys)
     ckpt = ["--checkpoint", str(trained)]
     assert "at least 1" in _error_line(translate.main, [*ckpt, "--beam", "0"], capsys)
     assert "needs 9" in _error_line(translate.main, [*ckpt, "--average", "9"], capsys)
