@@ -351,6 +351,7 @@ def main(argv=None) -> int:
         checkpoint_every=config.checkpoint_every,
         keep_last=config.keep_checkpoints,
         extra_config={"preset": preset, "seed": args.seed, "vocabulary": vocab.kind},
+        deadline=started + config.time_limit * 60 if config.time_limit else None,
     )
     if args.resume is None:
         torch.manual_seed(args.seed + 1 + dist.rank)  # dropout streams differ between processes
@@ -453,9 +454,7 @@ def main(argv=None) -> int:
                 run.write(f"validation exact match reached {config.target_exact_match:.1%}: stop")
                 done_steps = step + 1
                 break
-        run.end_of_step(step, state)
-        late = time.perf_counter() - started >= config.time_limit * 60
-        if config.time_limit > 0 and dist.any(late, device):
+        if run.end_of_step(step, state):
             run.write(f"time limit of {config.time_limit:g} minutes reached after step {step + 1}")
             done_steps = step + 1
             break

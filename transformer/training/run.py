@@ -14,6 +14,9 @@ are the same everywhere:
         run.end_of_step(step, data_state)        # weights finite? periodic checkpoints; Ctrl-C
     run.save_final(total_steps, data_state)      # unless end_of_step has just written it
 
+Given `deadline=` (a `time.perf_counter()` value), `end_of_step` returns True once it has passed on
+any rank; the loop stops there and saves that step instead (`transformer.train --time-limit`).
+
 The run directory holds `config.json`, `metrics.jsonl` and `checkpoints/step_NNNNNNN/`, with
 `checkpoints/latest` naming the newest, and `checkpoints/best/`: the weights of the lowest
 validation loss so far (`run.keep_best(step, val_loss)` after each evaluation, as nanoGPT keeps
@@ -214,6 +217,7 @@ class TrainingRun:
         extra_config: dict | None = None,
         log_every: int = 1,
         overwrite: bool = False,
+        deadline: float | None = None,
     ):
         self.dist = dist or Distributed()
         self.out = claim_run_directory(out, resume, overwrite, self.dist)
@@ -221,6 +225,7 @@ class TrainingRun:
         self.device = device or torch.device("cpu")
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.log_every = max(1, log_every)
+        self.deadline = deadline  # a time.perf_counter() value: stop after the step that passes it
         self.config = {
             "package": package,
             "model": model_config,
@@ -344,9 +349,10 @@ class TrainingRun:
         if self.dist.is_main:
             progress_write(message)
 
-    def end_of_step(self, step: int, data_state: dict | None = None) -> None:
+    def end_of_step(self, step: int, data_state: dict | None = None) -> bool:
         """After step `step` finished: check the weights, checkpoint on schedule; on Ctrl-C save
-        and stop (exit 130)."""
+        and stop (exit 130). True when the run's deadline has passed (on any rank, so all ranks
+        stop on the same step): the caller ends its loop there as at its last step."""
         self.check_weights(step)
         done = step + 1
         interrupted = (
@@ -359,6 +365,9 @@ class TrainingRun:
             raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved to {path}")
         if self.checkpoint_every and done % self.checkpoint_every == 0:
             self.save(done, data_state)
+        if self.deadline is None:
+            return False
+        return self.dist.any(time.perf_counter() >= self.deadline, self.device)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, step: int, data_state: dict | None = None) -> Path:
