@@ -355,12 +355,7 @@ class TrainingRun:
         stop on the same step): the caller ends its loop there as at its last step."""
         self.check_weights(step)
         done = step + 1
-        interrupted = (
-            self.dist.any(self._interrupted, self.device)
-            if self.dist.enabled
-            else self._interrupted
-        )
-        if interrupted:
+        if self.dist.any(self._interrupted, self.device):
             path = self.save(done, data_state)
             raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved to {path}")
         if self.checkpoint_every and done % self.checkpoint_every == 0:
