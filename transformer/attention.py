@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import dropout
+
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
     """(q_len, k_len) boolean mask, True where query i may see key j (j <= k_len - q_len + i)."""
@@ -110,7 +112,7 @@ def attention_reference(
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ v
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import padding_mask
+from .dropout import Dropout
 from .model import EncoderLayer, TransformerConfig
 from .training.config import ConfigError, check_config, param
 
@@ -105,7 +106,7 @@ class BertEmbeddings(nn.Module):
         self.positions = nn.Embedding(config.max_len, config.d_model)
         self.segments = nn.Embedding(config.n_segments, config.d_model)
         self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, ids: Tensor, segments: Tensor) -> Tensor:
         positions = torch.arange(ids.size(1), device=ids.device)
@@ -190,7 +191,7 @@ class BertClassifier(nn.Module):
     def __init__(self, bert: Bert, n_classes: int = 2):
         super().__init__()
         self.bert = bert
-        self.dropout = nn.Dropout(bert.config.dropout)
+        self.dropout = Dropout(bert.config.dropout)
         self.classifier = nn.Linear(bert.config.d_model, n_classes)
         Bert._init_weights(self.classifier)
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout
 from .quantize import QuantizedLinear
 from .training import UserError, check_config, param
 
@@ -99,7 +100,7 @@ class LoRALinear(nn.Module):
             torch.randn(rank, self.in_features, device=device, dtype=dtype) / rank
         )
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)
         self.merged = False
         self.enabled = True
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention, StaticKVCache, padding_mask
+from .dropout import Dropout
 from .training.config import ConfigError, check_config, param
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -117,7 +118,7 @@ class Embedding(nn.Module):
         self.register_buffer(
             "positions", sinusoidal_positions(config.max_len, config.d_model), persistent=False
         )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """Token ids (batch, T) at positions start..start+T-1 -> (batch, T, d_model)."""
@@ -153,7 +154,7 @@ class Residual(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.pre_norm = config.pre_norm
 
     def inner(self, x: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention, alibi_slopes
+from transformer.dropout import dropout
 from transformer.training import check_config, config_from_dict, param
 
 from .cache import Cache, attention_inputs
@@ -218,7 +219,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return F.dropout(out, self.dropout) if self.training and self.dropout else out
+        return dropout(out, self.dropout, self.training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ class MoEFeedForward(nn.Module):
         ]
         y = torch.cat(outputs) * weights.flatten()[order, None]
         out = torch.zeros_like(x).index_add_(0, tokens, y).reshape(shape)
-        return F.dropout(out, self.dropout) if self.training and self.dropout else out
+        return dropout(out, self.dropout, self.training)
 
 
 def router_losses(model: nn.Module, all_reduce=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -392,9 +393,7 @@ class TransformerBlock(nn.Module):
             rotary=rotary,
             bias=bias,
         )
-        if self.training and self.dropout:
-            attn = F.dropout(attn, self.dropout)
-        h = x + attn
+        h = x + dropout(attn, self.dropout, self.training)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -488,8 +487,7 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
             rotary = Rotary(cos, sin, self.config.rope_pairing)
         h = self.tok_embeddings(tokens)
-        if self.training and self.config.dropout:
-            h = F.dropout(h, self.config.dropout)
+        h = dropout(h, self.config.dropout, self.training)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             h = layer(h, mask, is_causal, cache=layer_cache, rotary=rotary, bias=bias)
