@@ -111,8 +111,7 @@ def attention_reference(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    if dropout_p > 0.0:
-        weights = dropout(weights, dropout_p)
+    weights = dropout(weights, dropout_p)  # the input itself when dropout_p is 0
     return weights @ v
 
 
