@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention, StaticKVCache, padding_mask
-from .dropout import Dropout
+from .dropout import Dropout, dropout
 from .training.config import ConfigError, check_config, param
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -53,6 +53,12 @@ class TransformerConfig:
     )
     attention_dropout: float = param(
         0.0, "dropout on the attention weights (not in the paper; tensor2tensor later used 0.1)"
+    )
+    word_dropout: float = param(
+        0.0,
+        "dropout of whole tokens: zero a token's embedding, source and target side (Sennrich et "
+        "al. 2016; not in the paper)",
+        added=True,
     )
     pre_norm: bool = param(
         False,
@@ -79,7 +85,7 @@ class TransformerConfig:
             positive=("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads",
                       "d_ff", "max_len", "norm_eps"),
             non_negative=("pad_id",),
-            below_one=("dropout", "attention_dropout"),
+            below_one=("dropout", "attention_dropout", "word_dropout"),
         )  # fmt: skip
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
@@ -106,7 +112,11 @@ def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
 
 
 class Embedding(nn.Module):
-    """§3.4: learned embeddings multiplied by √d_model, plus the fixed positional encoding (§3.5)."""
+    """§3.4: learned embeddings multiplied by √d_model, plus the fixed positional encoding (§3.5).
+
+    With `word_dropout` > 0 a training step also zeroes whole token embeddings (one draw per token,
+    the kept ones scaled by 1 / (1 − p)) before the positions are added: the "dropout of full
+    words" Sennrich et al. (2016) used for small corpora, after Gal & Ghahramani (2016)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -119,6 +129,7 @@ class Embedding(nn.Module):
             "positions", sinusoidal_positions(config.max_len, config.d_model), persistent=False
         )
         self.dropout = Dropout(config.dropout)
+        self.word_dropout = config.word_dropout
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """Token ids (batch, T) at positions start..start+T-1 -> (batch, T, d_model)."""
@@ -127,7 +138,10 @@ class Embedding(nn.Module):
             raise ValueError(
                 f"sequence of {end} positions exceeds max_len {self.positions.size(0)}"
             )
-        return self.dropout(self.tokens(ids) * self.scale + self.positions[start:end])
+        tokens = self.tokens(ids) * self.scale
+        if self.training and self.word_dropout:
+            tokens = tokens * dropout(tokens.new_ones(*ids.shape, 1), self.word_dropout)
+        return self.dropout(tokens + self.positions[start:end])
 
 
 class FeedForward(nn.Module):

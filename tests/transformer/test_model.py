@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer.attention import MultiHeadAttention, StaticKVCache
+from transformer.dropout import LEVELS
 from transformer.model import (
     Transformer,
     TransformerConfig,
@@ -128,6 +129,28 @@ def test_positions_and_embedding_scale_by_hand():
     emb = model.source_embedding(ids)
     expected = model.source_embedding.tokens.weight[ids] * 4.0 + sinusoidal_positions(2, 16)
     torch.testing.assert_close(emb, expected)
+
+
+def test_word_dropout_zeroes_whole_tokens_at_its_rate():
+    """Each token's embedding is either dropped entirely (only its position remains) or kept and
+    scaled by the inverse keep probability (p quantised to 1/2^15, transformer.dropout); about p
+    of the tokens are dropped; evaluation leaves them alone."""
+    p = 0.3
+    scale = LEVELS / (LEVELS - round(p * LEVELS))
+    config = TransformerConfig(**{**TINY.__dict__, "word_dropout": p})
+    model = Transformer(config)
+    embedding = model.source_embedding
+    torch.manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (200, 50))
+    positions = sinusoidal_positions(50, 16)
+    token = embedding.tokens.weight[ids] * 4.0
+    out = embedding(ids).detach()
+    dropped = torch.isclose(out, positions.expand_as(out), atol=1e-5).all(-1)
+    kept = torch.isclose(out, token * scale + positions, atol=1e-5).all(-1)
+    assert bool((dropped ^ kept).all())  # every token is one or the other, never a mixture
+    rate, sd = dropped.float().mean().item(), math.sqrt(p * (1 - p) / ids.numel())
+    assert abs(rate - p) < 5 * sd
+    torch.testing.assert_close(embedding.eval()(ids), token + positions)
 
 
 def test_tied_embeddings_share_one_matrix():
