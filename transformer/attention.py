@@ -3,7 +3,8 @@
 Scaled dot-product attention (§3.2.1, Eq. 1) has three kernels, chosen by name (`KERNELS`):
 - `"reference"`: `attention_reference` spells out softmax(QKᵀ/√d_k)V as in the paper;
 - `"fused"` (the default): `torch.nn.functional.scaled_dot_product_attention` (flash /
-  memory-efficient kernels on GPU, a fused one on CPU);
+  memory-efficient kernels on GPU, a fused one on CPU; with attention dropout on a CPU, where
+  PyTorch itself falls back to unfused math, the reference path with the package's dropout);
 - `"flash"`: `flash_attention`, FlashAttention's tiling written out in PyTorch (Dao et al. 2022,
   in the loop order of FlashAttention-2, Dao 2023, Algorithms 1 and 2): the online softmax over key
   tiles, never forming the T×S score matrix, and a backward pass that recomputes each tile's
@@ -96,8 +97,8 @@ def attention_reference(
 ) -> Tensor:
     """Eq. (1), written out: softmax(QKᵀ / √d_k + bias) V, with masked scores set to -inf.
 
-    Grouped key/value heads are repeated to the query heads here: this path is for reading and for
-    checking the fast one, not for speed.
+    Grouped key/value heads are repeated to the query heads here: this path is for reading, for
+    checking the fast one, and for attention dropout on a CPU (see `scaled_dot_product_attention`).
     """
     n_rep = q.size(1) // k.size(1)
     if n_rep > 1:
@@ -137,7 +138,12 @@ def scaled_dot_product_attention(
     group are folded into the sequence axis (row r·T + t is the group's head r, query t), so each
     key/value head is read once for all its query heads, and a mask or bias is laid out the same way.
     """
-    if kernel == "reference":
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    if kernel == "reference" or (kernel == "fused" and dropout_p > 0.0 and q.device.type == "cpu"):
+        # With attention dropout, PyTorch's CPU kernel is not fused either: it falls back to this
+        # same math with a `bernoulli_` mask. Written out here it takes the package's cheaper mask
+        # (`transformer.dropout`), which makes a Multi30k training step faster (benchmarks/dropout.py).
         return attention_reference(q, k, v, mask, is_causal, dropout_p, bias)
     if kernel == "flash":
         if dropout_p > 0.0:
@@ -145,8 +151,6 @@ def scaled_dot_product_attention(
         if bias is not None:
             raise ValueError("the flash kernel takes no additive bias (ALiBi); use kernel='fused'")
         return flash_attention(q, k, v, mask, is_causal)
-    if kernel != "fused":
-        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}")
     q_len, k_len = q.size(-2), k.size(-2)
     if is_causal and (mask is not None or bias is not None or q_len != k_len):
         # The kernel's is_causal is aligned to the start; ours is aligned to the end.

@@ -227,6 +227,34 @@ def test_flash_kernel_through_multi_head_attention_and_the_dispatcher():
         flash_attention(q, k, v, block_q=0)
 
 
+@pytest.mark.parametrize("n_heads, n_kv_heads", HEAD_LAYOUTS)
+def test_attention_dropout_on_cpu_drops_weights_at_rate_p(n_heads, n_kv_heads):
+    """With q = 0 every unmasked key gets weight 1 / S', and v = the identity makes the output the
+    weights themselves: after dropout each is 0 or 1 / (S' (1 − p)), a fraction p of them 0 (within
+    5σ of a binomial), masked keys always 0, and the gradient flows only through kept weights."""
+    torch.manual_seed(0)
+    p, batch, length = 0.25, 64, 16
+    q = torch.zeros(batch, n_heads, length, length)
+    k = torch.randn(batch, n_kv_heads, length, length)
+    v = torch.eye(length).expand(batch, n_kv_heads, length, length).clone().requires_grad_()
+    mask = torch.ones(1, 1, 1, length, dtype=torch.bool)
+    mask[..., 12:] = False  # S' = 12 keys may be attended to
+    out = scaled_dot_product_attention(q, k, v, mask, dropout_p=p)
+    kept = 1 / (12 * (1 - p))
+    assert (out[..., 12:] == 0).all()
+    seen = out[..., :12]
+    assert (
+        torch.isclose(seen, torch.tensor(0.0))
+        .logical_or(torch.isclose(seen, torch.tensor(kept)))
+        .all()
+    )
+    dropped = (seen == 0).float().mean().item()
+    sigma = (p * (1 - p) / seen.numel()) ** 0.5
+    assert abs(dropped - p) < 5 * sigma
+    out.sum().backward()  # d out / d v: the kept weights summed over query heads and queries
+    assert v.grad[..., 12:, :].abs().max() == 0
+
+
 @pytest.mark.parametrize("kernel", ["reference", "flash"])
 def test_flash_attention_saves_no_quadratic_tensor_for_backward(kernel):
     """What autograd keeps for the backward pass: the reference keeps T×T probabilities, the tiled
