@@ -6,6 +6,12 @@ Forward + backward of inverted dropout (p = 0.1) over tensors the size of a Mult
 batch's activations (150 × 27 × 256 and 150 × 27 × 512 elements), in float32 and bfloat16, the two
 one after the other on the same tensors in one process; reported is the median over --repeats of
 milliseconds per million elements and the ratio (torch's time over ours).
+
+Then attention with dropout on its weights (p again), forward + backward, at a Multi30k batch's
+shape (150 sentences, 4 heads, 27 queries and keys of dimension 64; causal, as in the decoder):
+`torch.nn.functional.scaled_dot_product_attention(dropout_p=p)`, which on a CPU falls back to
+unfused math with a `bernoulli_` mask, against `transformer.attention.scaled_dot_product_attention`,
+which takes Eq. 1 written out with the mask above there. Reported in milliseconds per call.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from transformer.attention import scaled_dot_product_attention  # noqa: E402
 from transformer.dropout import dropout  # noqa: E402
 
 SHAPES = [(150, 27, 256), (150, 27, 512)]
+ATTENTION_SHAPE = (150, 4, 27, 64)
 
 
 def time_one(fn, x: torch.Tensor, upstream: torch.Tensor, repeats: int) -> float:
@@ -62,6 +70,25 @@ def main(argv=None) -> int:
             b = time_one(ours, x, upstream, args.repeats)
             name = "×".join(map(str, shape))
             print(f"{name:>16} {str(dtype)[6:]:>9} {a:>10.2f} {b:>8.2f} {a / b:>5.1f}×")
+
+    print(f"\nattention, causal, dropout p = {args.p}; ms per call, forward + backward")
+    print(f"{'shape':>16} {'dtype':>9} {'F.sdpa':>10} {'ours':>8} {'ratio':>6}")
+    n = torch.tensor(ATTENTION_SHAPE).prod().item() / 1e6  # time_one reports ms per million
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(ATTENTION_SHAPE, dtype=dtype, requires_grad=True) for _ in range(3))
+        upstream = torch.randn(ATTENTION_SHAPE, dtype=dtype)
+        ours = lambda x, k=k, v=v: scaled_dot_product_attention(  # noqa: E731
+            x, k, v, None, True, args.p
+        )
+        theirs = lambda x, k=k, v=v: F.scaled_dot_product_attention(  # noqa: E731
+            x, k, v, dropout_p=args.p, is_causal=True
+        )
+        for fn in (ours, theirs):  # warm-up
+            time_one(fn, q, upstream, 3)
+        a = time_one(theirs, q, upstream, args.repeats) * n
+        b = time_one(ours, q, upstream, args.repeats) * n
+        name = "×".join(map(str, ATTENTION_SHAPE))
+        print(f"{name:>16} {str(dtype)[6:]:>9} {a:>10.2f} {b:>8.2f} {a / b:>5.1f}×")
     return 0
 
 
