@@ -8,8 +8,9 @@
    around it, post-norm, dropout 0.1) on identical token-count batches, timed alternately.
 2. The label-smoothed loss alone (§5.4), forward + backward over one batch's logits in float32
    and bfloat16 (--loss-batch sentences × --tgt-len positions × --vocab): ours (q gives padding no
-   mass, gradient written out, cache-sized blocks on a CPU) against
+   mass, gradient written out, computed in float32) against
    `torch.nn.functional.cross_entropy(label_smoothing=0.1)`, the call a user would otherwise make.
+On a CPU the process keeps freed memory as the trainers do (`training.keep_freed_memory`).
 3. Beam-search decoding (beam 4, α 0.6): sentences/s.
 4. Incremental decoding (cached decoder keys/values, encoder keys/values projected once) against
    recomputing the decoder over the whole prefix at every step, greedy: the speed-up.
@@ -38,6 +39,7 @@ from transformer.model import (  # noqa: E402
     label_smoothed_loss,
 )
 from transformer.train import PRESETS  # noqa: E402
+from transformer.training import keep_freed_memory  # noqa: E402
 
 
 class TorchTransformer(nn.Module):
@@ -149,6 +151,8 @@ def main():
     parser.add_argument("--decode-steps", type=int, default=40, help="greedy steps, no EOS")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(0)
     config = replace(PRESETS[args.config].model, vocab_size=args.vocab)
     ours = Transformer(config).to(device)
