@@ -10,10 +10,11 @@
    and bfloat16 (--loss-batch sentences × --tgt-len positions × --vocab): ours (q gives padding no
    mass, gradient written out, computed in float32) against
    `torch.nn.functional.cross_entropy(label_smoothing=0.1)`, the call a user would otherwise make.
-On a CPU the process keeps freed memory as the trainers do (`training.keep_freed_memory`).
 3. Beam-search decoding (beam 4, α 0.6): sentences/s.
 4. Incremental decoding (cached decoder keys/values, encoder keys/values projected once) against
    recomputing the decoder over the whole prefix at every step, greedy: the speed-up.
+
+On a CPU the process keeps freed memory as the trainers do (`training.keep_freed_memory`).
 """
 
 from __future__ import annotations

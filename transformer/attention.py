@@ -95,7 +95,8 @@ def attention_reference(
     dropout_p: float = 0.0,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """Eq. (1), written out: softmax(QKᵀ / √d_k + bias) V, with masked scores set to -inf.
+    """Eq. (1), written out: softmax(QKᵀ / √d_k + bias) V, with masked scores set to -inf (and a
+    query whose keys are all masked, such as a left-padding position, attending to nothing).
 
     Grouped key/value heads are repeated to the query heads here: this path is for reading, for
     checking the fast one, and for attention dropout on a CPU (see `scaled_dot_product_attention`).
@@ -111,8 +112,10 @@ def attention_reference(
         mask = combine_masks(mask, causal_mask(q.size(-2), k.size(-2), q.device))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    weights = dropout(weights, dropout_p)  # the input itself when dropout_p is 0
+    weights = torch.softmax(scores.float(), dim=-1)
+    if mask is not None:  # a query with no key to attend to gets zeros, as in PyTorch's kernel
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    weights = dropout(weights.to(q.dtype), dropout_p)  # the input itself when dropout_p is 0
     return weights @ v
 
 

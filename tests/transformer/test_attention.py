@@ -227,6 +227,29 @@ def test_flash_kernel_through_multi_head_attention_and_the_dispatcher():
         flash_attention(q, k, v, block_q=0)
 
 
+def test_a_query_with_no_key_gets_zeros_as_in_torch():
+    """Left padding under a causal mask leaves the first query with no key it may attend to:
+    PyTorch's kernel returns zeros there and clean gradients; the written-out path (which attention
+    dropout takes on a CPU) must not return NaN, which would reach every gradient."""
+    q, k, v = (t.requires_grad_() for t in _qkv(4, 2, q_len=4, k_len=4))
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])[:, None, None, :]
+    mask = combine_masks(mask, causal_mask(4, 4, q.device))
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for kernel in ("fused", "reference"):
+        out = scaled_dot_product_attention(q, k, v, mask, kernel=kernel)
+        out.backward(upstream)
+        grads.append([out.detach()] + [t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    assert (grads[1][0][0, :, 0] == 0).all()
+    for ours, torchs in zip(grads[1], grads[0]):
+        assert not ours.isnan().any()
+        torch.testing.assert_close(ours, torchs, atol=1e-5, rtol=1e-4)
+    out = scaled_dot_product_attention(q, k, v, mask, dropout_p=0.1)  # the CPU dropout path
+    assert not out.isnan().any() and (out[0, :, 0] == 0).all()
+
+
 @pytest.mark.parametrize("n_heads, n_kv_heads", HEAD_LAYOUTS)
 def test_attention_dropout_on_cpu_drops_weights_at_rate_p(n_heads, n_kv_heads):
     """With q = 0 every unmasked key gets weight 1 / S', and v = the identity makes the output the
