@@ -191,9 +191,11 @@ def main():
         logits = (3 * logits).to(device, dtype).requires_grad_()
 
         def loss_ours(logits=logits):
+            logits.grad = None
             label_smoothed_loss(logits, target, 0.1, config.pad_id)[0].backward()
 
         def loss_torch(logits=logits):
+            logits.grad = None
             F.cross_entropy(
                 logits.flatten(0, 1), target.flatten(), ignore_index=config.pad_id,
                 label_smoothing=0.1, reduction="sum",
