@@ -35,15 +35,23 @@ SHAPES = [(150, 27, 256), (150, 27, 512)]
 ATTENTION_SHAPE = (150, 4, 27, 64)
 
 
-def time_one(fn, x: torch.Tensor, upstream: torch.Tensor, repeats: int) -> float:
-    """Median milliseconds per million elements of fn(x) forward and backward."""
+def time_one(fn, leaves, upstream: torch.Tensor, repeats: int) -> float:
+    """Median milliseconds of fn() forward and backward, the leaves' gradients cleared each time."""
     times = []
     for _ in range(repeats):
-        x.grad = None
+        for leaf in leaves:
+            leaf.grad = None
         start = time.perf_counter()
-        fn(x).backward(upstream)
+        fn().backward(upstream)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3 / (x.numel() / 1e6)
+    return statistics.median(times) * 1e3
+
+
+def compare(theirs, ours, leaves, upstream: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Milliseconds per call of theirs and ours, after three warm-up calls of each."""
+    for fn in (ours, theirs):
+        time_one(fn, leaves, upstream, 3)
+    return time_one(theirs, leaves, upstream, repeats), time_one(ours, leaves, upstream, repeats)
 
 
 def main(argv=None) -> int:
@@ -54,8 +62,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ours = lambda x: dropout(x, args.p)  # noqa: E731
-    theirs = lambda x: F.dropout(x, args.p)  # noqa: E731
     print(
         f"torch {torch.__version__}, {args.threads} threads, p = {args.p}; ms per million elements"
     )
@@ -64,29 +70,27 @@ def main(argv=None) -> int:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape, dtype=dtype, requires_grad=True)
             upstream = torch.randn(shape, dtype=dtype)
-            for fn in (ours, theirs):  # warm-up
-                time_one(fn, x, upstream, 3)
-            a = time_one(theirs, x, upstream, args.repeats)
-            b = time_one(ours, x, upstream, args.repeats)
+            a, b = compare(
+                lambda x=x: F.dropout(x, args.p),
+                lambda x=x: dropout(x, args.p),
+                [x], upstream, args.repeats,
+            )  # fmt: skip
+            a, b = (t / (x.numel() / 1e6) for t in (a, b))
             name = "×".join(map(str, shape))
             print(f"{name:>16} {str(dtype)[6:]:>9} {a:>10.2f} {b:>8.2f} {a / b:>5.1f}×")
 
     print(f"\nattention, causal, dropout p = {args.p}; ms per call, forward + backward")
     print(f"{'shape':>16} {'dtype':>9} {'F.sdpa':>10} {'ours':>8} {'ratio':>6}")
-    n = torch.tensor(ATTENTION_SHAPE).prod().item() / 1e6  # time_one reports ms per million
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = (torch.randn(ATTENTION_SHAPE, dtype=dtype, requires_grad=True) for _ in range(3))
         upstream = torch.randn(ATTENTION_SHAPE, dtype=dtype)
-        ours = lambda x, k=k, v=v: scaled_dot_product_attention(  # noqa: E731
-            x, k, v, None, True, args.p
-        )
-        theirs = lambda x, k=k, v=v: F.scaled_dot_product_attention(  # noqa: E731
-            x, k, v, dropout_p=args.p, is_causal=True
-        )
-        for fn in (ours, theirs):  # warm-up
-            time_one(fn, q, upstream, 3)
-        a = time_one(theirs, q, upstream, args.repeats) * n
-        b = time_one(ours, q, upstream, args.repeats) * n
+        a, b = compare(
+            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                q, k, v, dropout_p=args.p, is_causal=True
+            ),
+            lambda q=q, k=k, v=v: scaled_dot_product_attention(q, k, v, None, True, args.p),
+            [q, k, v], upstream, args.repeats,
+        )  # fmt: skip
         name = "×".join(map(str, ATTENTION_SHAPE))
         print(f"{name:>16} {str(dtype)[6:]:>9} {a:>10.2f} {b:>8.2f} {a / b:>5.1f}×")
     return 0
