@@ -18,9 +18,11 @@ Five parts, each through the package's own commands or modules (nothing re-imple
 5. Batch-1 decoding of the GPT-2-124M-sized model with the KV cache, compiled: tokens/s.
 
 `--smoke` runs the same code at tiny sizes (a few steps, slices of the data, the embedded digits
-for the DDPM, the embedded translation task when Multi30k is absent), so the script is known to work before a GPU is used; the
-test suite runs it. Parts can be chosen with `--parts`. Results go to `OUT/results.json` and a
-Markdown table on stdout.
+for the DDPM, the embedded translation task when Multi30k is absent), so the script is known to
+work before a GPU is used; the test suite runs it. Parts can be chosen with `--parts`. The full run
+checks that every part's data is under `--data` before it starts. Results go to `OUT/results.json`,
+rewritten after each part (so a run cut short keeps what it finished; `"finished": true` once all
+ran), and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the packages, not this folder's benchmark scripts of the same names
 PARTS = ("multi30k", "mnist", "gpt2-step", "shakespeare-char", "decode")
+# The files each part reads under --data; the full run checks them all before any work (the smoke
+# run falls back to the packages' embedded data where they are absent).
+DATA = {
+    "multi30k": [f"multi30k/{split}.{lang}.gz" for split in ("train", "val", "test_2016_flickr")
+                 for lang in ("de", "en")],
+    "mnist": ["mnist/t10k-images-idx3-ubyte.gz"],
+    "shakespeare-char": ["tinyshakespeare/input.txt"],
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -152,10 +162,8 @@ def multi30k(sizes: Sizes, out: Path, data: Path, smoke: bool) -> dict:
         test = ["--input", files["test_2016_flickr", "de"]]
         test += ["--reference", files["test_2016_flickr", "en"]]
         what = "Multi30k De→En, test_2016_flickr"
-    elif smoke:  # the embedded digit task stands in
+    else:  # the smoke run without Multi30k: the embedded digit task stands in
         data_flags, test, what = [], None, "embedded digit task (no Multi30k found)"
-    else:
-        raise SystemExit(f"gpu_reproduce: Multi30k not found in {d} (set --data)")
     start = time.perf_counter()
     run(["transformer.train", *map(str, data_flags), *sizes.m30k_flags, "--out", str(run_dir),
          "--overwrite"], out / "multi30k_train.log")  # fmt: skip
@@ -178,10 +186,8 @@ def mnist(sizes: Sizes, out: Path, data: Path, smoke: bool) -> dict:
     d = data / "mnist"
     if smoke:  # the embedded 8×8 digits: MNIST's feature classifier alone takes minutes on a CPU
         source, what = "digits", "digits DDPM (smoke)"
-    elif (d / "t10k-images-idx3-ubyte.gz").is_file():
-        source, what = f"mnist:{d}", "MNIST DDPM"
     else:
-        raise SystemExit(f"gpu_reproduce: MNIST not found in {d} (set --data)")
+        source, what = f"mnist:{d}", "MNIST DDPM"
     start = time.perf_counter()
     run_dir = out / "mnist"
     run(["dali.train", "--data", source, *sizes.mnist_flags, "--out", str(run_dir),
@@ -263,10 +269,8 @@ def shakespeare_char(sizes: Sizes, out: Path, data: Path, smoke: bool) -> dict:
         content = text.read_text(encoding="utf-8")
         part.write_text(content if sizes.char_bytes is None else content[: sizes.char_bytes])
         source, what = ["--text", str(part)], "Tiny Shakespeare, characters"
-    elif smoke:
+    else:  # the smoke run without Tiny Shakespeare
         source, what = [], "embedded corpus, characters (no Tiny Shakespeare found)"
-    else:
-        raise SystemExit(f"gpu_reproduce: Tiny Shakespeare not found at {text} (set --data)")
     start = time.perf_counter()
     run_dir = out / "shakespeare-char"
     run(["xllama.train", *source, "--tokenizer", "char", *sizes.char_flags,
@@ -351,13 +355,28 @@ def main(argv=None) -> int:
                         help="which parts to run (default: all, in this order)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else GPU
-    args.out.mkdir(parents=True, exist_ok=True)
+    missing = [] if args.smoke else [f for part in args.parts for f in DATA.get(part, [])
+                                     if not (args.data / f).is_file()]  # fmt: skip
+    if missing:
+        print(f"gpu_reproduce: {args.data / missing[0]} not found ({len(missing)} file(s) missing;"
+              " set --data to the shared data folder)", file=sys.stderr)  # fmt: skip
+        return 2
     device = device_name()
     if not args.smoke and "CPU" in device:
         print("gpu_reproduce: no CUDA device; the full sizes need a GPU (use --smoke on a CPU)",
               file=sys.stderr)  # fmt: skip
         return 2
+    args.out.mkdir(parents=True, exist_ok=True)
     rows, start = [], time.perf_counter()
+
+    def save(finished: bool) -> None:
+        """results.json after every part, so a run cut short keeps the parts it finished."""
+        record = {"device": device, "smoke": args.smoke, "finished": finished,
+                  "seconds": time.perf_counter() - start, "rows": rows}  # fmt: skip
+        tmp = args.out / "results.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(args.out / "results.json")
+
     for part in args.parts:
         print(f"[{time.perf_counter() - start:5.0f} s] {part} ...", file=sys.stderr, flush=True)
         try:
@@ -365,14 +384,11 @@ def main(argv=None) -> int:
         except RuntimeError as exc:
             row = {"result": f"failed: {exc}", "value": "—", "target": "", "seconds": 0.0}
         rows.append({"part": part, **row})
-    total = time.perf_counter() - start
-    (args.out / "results.json").write_text(
-        json.dumps(
-            {"device": device, "smoke": args.smoke, "seconds": total, "rows": rows}, indent=2
-        )
-        + "\n"  # fmt: skip
-    )
-    print(table(rows, device, total))
+        save(finished=False)
+        print(f"[{time.perf_counter() - start:5.0f} s] {part}: {row['value']}", file=sys.stderr,
+              flush=True)  # fmt: skip
+    save(finished=True)
+    print(table(rows, device, time.perf_counter() - start))
     return 1 if any(row["value"] == "—" for row in rows) else 0
 
 

@@ -1,23 +1,28 @@
 """benchmarks/gpu_reproduce.py runs every part at tiny sizes on a CPU (`--smoke`), so the one-shot
 GPU reproduction is known to work before a GPU is used."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_reproduce.py"
 
 
 def test_the_gpu_reproduction_runs_every_part_in_smoke_mode(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_reproduce.py"), "--smoke",
+        [sys.executable, str(SCRIPT), "--smoke",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["finished"] is True
     assert [row["part"] for row in results["rows"]] == [
         "multi30k", "mnist", "gpt2-step", "shakespeare-char", "decode"
     ]  # fmt: skip
@@ -35,8 +40,41 @@ def test_the_full_sizes_refuse_a_machine_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         return
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_reproduce.py"), "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--parts", "gpt2-step"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and "no CUDA device" in err[0]
+
+
+def test_the_full_run_checks_its_data_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--data", str(tmp_path / "empty"),
+         "--parts", "decode", "shakespeare-char"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert "tinyshakespeare" in err[0] and "not found" in err[0]
+    assert not out.exists()
+
+
+def test_a_run_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
+    """A one-shot GPU run may be stopped by its time limit: results.json holds each finished part."""
+    spec = importlib.util.spec_from_file_location("gpu_reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_reproduce", module)  # its dataclass looks itself up
+    spec.loader.exec_module(module)
+    row = {"result": "r", "value": "1.00", "target": "", "seconds": 1.0}
+
+    def cut(*args):
+        raise KeyboardInterrupt  # what the time limit's signal looks like from inside
+
+    monkeypatch.setitem(module.RUNNERS, "multi30k", lambda *args: row)
+    monkeypatch.setitem(module.RUNNERS, "mnist", cut)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--smoke", "--out", str(tmp_path), "--parts", "multi30k", "mnist"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["finished"] is False
+    assert results["rows"] == [{"part": "multi30k", **row}]
