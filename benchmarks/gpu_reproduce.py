@@ -47,7 +47,8 @@ PARTS = ("multi30k", "mnist", "gpt2-step", "shakespeare-char", "decode")
 DATA = {
     "multi30k": [f"multi30k/{split}.{lang}.gz" for split in ("train", "val", "test_2016_flickr")
                  for lang in ("de", "en")],
-    "mnist": ["mnist/t10k-images-idx3-ubyte.gz"],
+    # the labels too: the Fréchet distance's feature classifier trains on them
+    "mnist": ["mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz"],
     "shakespeare-char": ["tinyshakespeare/input.txt"],
 }  # fmt: skip
 

@@ -58,6 +58,16 @@ def test_the_full_run_checks_its_data_before_any_work(tmp_path):
     assert done.returncode == 2 and len(err) == 1, done.stderr
     assert "tinyshakespeare" in err[0] and "not found" in err[0]
     assert not out.exists()
+    # MNIST's images without its labels: the Fréchet distance's classifier needs them
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    (tmp_path / "data" / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--data", str(tmp_path / "data"),
+         "--parts", "mnist"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "t10k-labels-idx1-ubyte.gz not found" in done.stderr
+    assert not out.exists()
 
 
 def test_a_run_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
