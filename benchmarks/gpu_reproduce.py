@@ -76,7 +76,7 @@ GPU = Sizes(
     # batches (about 32 steps an epoch) and ~47 epochs, checkpoints every 100 steps to average.
     # LayerNorm before each sub-layer: with the paper's post-norm this model stalled at the
     # unigram loss for 250+ steps of this warm-up on a CPU (at Eq. 3 × 1 and × 0.5), where
-    # pre-norm left it by step 50 and trained through the peak rate (transformer/MULTI30K.md).
+    # pre-norm left it within 75 steps and trained through the peak rate (transformer/MULTI30K.md).
     m30k_flags=("--config", "base", "--pre-norm", "--bpe-vocab-size", "10000", "--steps", "1500",
                 "--batch-tokens", "16384", "--micro-batch-tokens", "16384",
                 "--warmup-steps", "400", "--checkpoint-every", "100", "--keep-checkpoints", "5",
