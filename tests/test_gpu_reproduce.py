@@ -90,3 +90,16 @@ def test_a_run_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["finished"] is False
     assert results["rows"] == [{"part": "multi30k", **row}]
+
+
+def test_the_smoke_run_takes_the_embedded_task_when_multi30k_is_incomplete(tmp_path):
+    data = tmp_path / "data" / "multi30k"
+    data.mkdir(parents=True)
+    (data / "train.de.gz").write_bytes(b"")  # the rest of Multi30k absent
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path / "out"),
+         "--data", str(tmp_path / "data"), "--parts", "multi30k"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "embedded digit task" in done.stdout
