@@ -122,8 +122,9 @@ SMOKE = Sizes(
 )  # fmt: skip
 
 
-def has_data(part: str, data: Path) -> bool:
-    return all((data / f).is_file() for f in DATA.get(part, []))
+def missing_data(part: str, data: Path) -> list[str]:
+    """The files of `part` (see DATA) that are not under `data`."""
+    return [f for f in DATA.get(part, []) if not (data / f).is_file()]
 
 
 def shared_data() -> Path:
@@ -160,7 +161,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def multi30k(sizes: Sizes, out: Path, data: Path, smoke: bool) -> dict:
     d = data / "multi30k"
     run_dir = out / "multi30k"
-    if has_data("multi30k", data):
+    if not missing_data("multi30k", data):
         files = {}
         for split, n in (("train", sizes.m30k_lines), ("val", sizes.m30k_lines and 50),
                          ("test_2016_flickr", sizes.m30k_lines and 50)):  # fmt: skip
@@ -273,7 +274,7 @@ def gpt2_step(sizes: Sizes, out: Path, data: Path, smoke: bool) -> dict:
 
 def shakespeare_char(sizes: Sizes, out: Path, data: Path, smoke: bool) -> dict:
     text = data / "tinyshakespeare" / "input.txt"
-    if has_data("shakespeare-char", data):
+    if not missing_data("shakespeare-char", data):
         part = out / "shakespeare.txt"
         content = text.read_text(encoding="utf-8")
         part.write_text(content if sizes.char_bytes is None else content[: sizes.char_bytes])
@@ -364,9 +365,11 @@ def main(argv=None) -> int:
                         help="which parts to run (default: all, in this order)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else GPU
-    missing = [f for part in args.parts for f in DATA.get(part, [])
-               if not (args.data / f).is_file()]  # fmt: skip
-    if missing and not args.smoke:  # the smoke run uses embedded data for a part without its files
+    # the smoke run uses embedded data for a part without its files
+    missing = (
+        [] if args.smoke else [f for part in args.parts for f in missing_data(part, args.data)]
+    )
+    if missing:
         print(f"gpu_reproduce: {args.data / missing[0]} not found ({len(missing)} file(s) missing;"
               " set --data to the shared data folder)", file=sys.stderr)  # fmt: skip
         return 2
@@ -380,11 +383,11 @@ def main(argv=None) -> int:
 
     def save(finished: bool) -> None:
         """results.json after every part, so a run cut short keeps the parts it finished."""
-        record = {"device": device, "smoke": args.smoke, "finished": finished,
-                  "seconds": time.perf_counter() - start, "rows": rows}  # fmt: skip
-        tmp = args.out / "results.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(args.out / "results.json")
+        from transformer.training.checkpoint import write_json_atomic
+
+        write_json_atomic(args.out / "results.json", {
+            "device": device, "smoke": args.smoke, "finished": finished,
+            "seconds": time.perf_counter() - start, "rows": rows})  # fmt: skip
 
     for part in args.parts:
         print(f"[{time.perf_counter() - start:5.0f} s] {part} ...", file=sys.stderr, flush=True)
