@@ -166,6 +166,8 @@ class QualityReport:
     """Held-out accuracy of the classifier whose features are used."""
     confident: float | None = None
     """Fraction of samples the classifier assigns to one class with probability ≥ 0.9."""
+    real_confident: float | None = None
+    """The same fraction for the n real images of the distance: what `confident` compares with."""
     requested_accuracy: float | None = None
     """Fraction of samples classified as the class they were generated for (conditional models)."""
 
@@ -187,7 +189,10 @@ class QualityReport:
                 + " ".join(f"{k}:{c}" for k, c in enumerate(self.label_counts))
             )
         if self.confident is not None:
-            out.append(f"samples classified with confidence ≥ {CONFIDENT}: {self.confident:.1%}")
+            real = "" if self.real_confident is None else f" (real: {self.real_confident:.1%})"
+            out.append(
+                f"samples classified with confidence ≥ {CONFIDENT}: {self.confident:.1%}{real}"
+            )
         if self.requested_accuracy is not None:
             out.append(f"samples classified as the requested class: {self.requested_accuracy:.1%}")
         if self.classifier_accuracy is not None:
@@ -203,6 +208,7 @@ class QualityReport:
             "label_counts": self.label_counts,
             "classifier_accuracy": self.classifier_accuracy,
             "confident": self.confident,
+            "real_confident": self.real_confident,
             "requested_accuracy": self.requested_accuracy,
         }
 
@@ -221,8 +227,9 @@ def evaluate_samples(
     Both distances use n = min(len(samples), len(real) // 2) images per side: the real images are
     shuffled with `seed` and split into two disjoint halves A and B; the distance is samples vs A,
     the floor A vs B. `classify` (images -> logits), if given, gives the label distribution over all
-    samples, the fraction classified with confidence ≥ 0.9 and, with `requested` (the class each
-    sample was generated for), the fraction classified as that class."""
+    samples, the fraction classified with confidence ≥ 0.9 (and the same fraction for A, the
+    real images' share) and, with `requested` (the class each sample was generated for), the fraction
+    classified as that class."""
     n = min(len(samples), len(real) // 2)
     if n < 2:
         raise ValueError(
@@ -240,6 +247,8 @@ def evaluate_samples(
         probs = batched(classify, samples, device).float().softmax(1)
         report.label_counts = torch.bincount(probs.argmax(1), minlength=probs.size(1)).tolist()
         report.confident = float((probs.max(1).values >= CONFIDENT).float().mean())
+        real_top = batched(classify, real_a, device).float().softmax(1).max(1).values
+        report.real_confident = float((real_top >= CONFIDENT).float().mean())
         if requested is not None:
             report.requested_accuracy = float((probs.argmax(1) == requested.cpu()).float().mean())
     return report

@@ -72,3 +72,19 @@ def test_confidence_and_requested_class_fractions_by_hand():
     assert report.confident == pytest.approx(2 / 4)
     assert report.requested_accuracy == pytest.approx(1 / 4)  # only the third matches
     assert "confidence ≥ 0.9: 50.0%" in "\n".join(report.lines())
+
+
+def test_the_real_images_confidence_is_measured_on_the_real_images():
+    """The confident share of the real comparison images is reported beside the samples': real
+    images all of the sure kind (row 0, p 0.95) give 100%, all of the unsure kind (row 1) 0%,
+    while the same four samples stay at 50%."""
+    probs = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.02, 0.98], [0.5, 0.5]])
+    samples = torch.arange(4.0).view(4, 1, 1, 1)
+    classify = lambda x: probs[x.flatten().long()].log()
+    for row, expected in ((0, 1.0), (1, 0.0)):
+        real = torch.full((8, 1, 1, 1), float(row))
+        report = evaluate_samples(samples, real, lambda x: x.flatten(1), classify)
+        assert report.confident == pytest.approx(0.5)
+        assert report.real_confident == pytest.approx(expected)
+        assert report.to_dict()["real_confident"] == pytest.approx(expected)
+        assert f"50.0% (real: {expected:.1%})" in "\n".join(report.lines())
