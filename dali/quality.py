@@ -228,8 +228,8 @@ def evaluate_samples(
     shuffled with `seed` and split into two disjoint halves A and B; the distance is samples vs A,
     the floor A vs B. `classify` (images -> logits), if given, gives the label distribution over all
     samples, the fraction classified with confidence ≥ 0.9 (and the same fraction for A, the
-    real images' share) and, with `requested` (the class each sample was generated for), the fraction
-    classified as that class."""
+    real images' share) and, with `requested` (the class each sample was generated for), the
+    fraction classified as that class."""
     n = min(len(samples), len(real) // 2)
     if n < 2:
         raise ValueError(

@@ -36,7 +36,7 @@ def test_the_gpu_reproduction_runs_every_part_in_smoke_mode(tmp_path):
     assert all(row["value"] in done.stdout for row in results["rows"])
     assert (tmp_path / "shakespeare-char" / "checkpoints" / "best").is_dir()
     assert (tmp_path / "mnist" / "quality.json").is_file()
-    # the DDPM row carries all three of the numbers: distance ratio, confident share, classes
+    # the DDPM row carries the three numbers: distance ratio, confident share, classes
     (ddpm,) = [row for row in results["rows"] if row["part"] == "mnist"]
     assert re.fullmatch(r"[\d.]+ \([\d.]+× floor\); [\d.]+% \(real [\d.]+%\); \d+/10",
                         ddpm["value"]), ddpm  # fmt: skip
