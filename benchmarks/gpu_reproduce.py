@@ -207,13 +207,12 @@ def mnist(sizes: Sizes, out: Path, data: Path, smoke: bool) -> dict:
     run(["dali.train", "--data", source, *sizes.mnist_flags, "--out", str(run_dir),
          "--overwrite"], out / "mnist_train.log")  # fmt: skip
     q = json.loads((run_dir / "quality.json").read_text())
-    classes = sum(c > 0 for c in q["label_counts"])
     return {
         "result": f"{what}: Fréchet distance of {q['n']} DDIM-{q['steps']} samples / "
         f"real-vs-real floor {q['floor']:.2f} (its classifier: {q['classifier_accuracy']:.1%} "
         f"on real); samples read with confidence ≥ 0.9 (real images in brackets); classes present",
         "value": f"{q['frechet_distance']:.2f} ({q['ratio']:.2f}× floor); {q['confident']:.1%} "
-        f"(real {q['real_confident']:.1%}); {classes}/{len(q['label_counts'])}",
+        f"(real {q['real_confident']:.1%}); {q['classes_present']}/{len(q['label_counts'])}",
         "target": "≤ 3× floor; near real; 10/10",
         "seconds": time.perf_counter() - start,
     }

@@ -175,6 +175,11 @@ class QualityReport:
     def ratio(self) -> float:
         return self.distance / self.floor if self.floor > 0 else float("inf")
 
+    @property
+    def classes_present(self) -> int | None:
+        """How many classes the classifier finds among the samples at least once."""
+        return None if self.label_counts is None else sum(c > 0 for c in self.label_counts)
+
     def lines(self) -> list[str]:
         out = [
             f"Fréchet distance (classifier features), {self.n} generated vs {self.n} real: "
@@ -183,9 +188,8 @@ class QualityReport:
             f"ratio to floor: {self.ratio:.2f}",
         ]
         if self.label_counts is not None:
-            present = sum(c > 0 for c in self.label_counts)
             out.append(
-                f"classes among samples ({present}/{len(self.label_counts)} present): "
+                f"classes among samples ({self.classes_present}/{len(self.label_counts)} present): "
                 + " ".join(f"{k}:{c}" for k, c in enumerate(self.label_counts))
             )
         if self.confident is not None:
@@ -206,11 +210,17 @@ class QualityReport:
             "ratio": self.ratio,
             "n": self.n,
             "label_counts": self.label_counts,
+            "classes_present": self.classes_present,
             "classifier_accuracy": self.classifier_accuracy,
             "confident": self.confident,
             "real_confident": self.real_confident,
             "requested_accuracy": self.requested_accuracy,
         }
+
+
+def _confident_share(probs: Tensor) -> float:
+    """Fraction of rows whose most probable class has probability ≥ CONFIDENT."""
+    return float((probs.max(1).values >= CONFIDENT).float().mean())
 
 
 def evaluate_samples(
@@ -246,9 +256,10 @@ def evaluate_samples(
     if classify is not None:
         probs = batched(classify, samples, device).float().softmax(1)
         report.label_counts = torch.bincount(probs.argmax(1), minlength=probs.size(1)).tolist()
-        report.confident = float((probs.max(1).values >= CONFIDENT).float().mean())
-        real_top = batched(classify, real_a, device).float().softmax(1).max(1).values
-        report.real_confident = float((real_top >= CONFIDENT).float().mean())
+        report.confident = _confident_share(probs)
+        report.real_confident = _confident_share(
+            batched(classify, real_a, device).float().softmax(1)
+        )
         if requested is not None:
             report.requested_accuracy = float((probs.argmax(1) == requested.cpu()).float().mean())
     return report

@@ -88,3 +88,14 @@ def test_the_real_images_confidence_is_measured_on_the_real_images():
         assert report.real_confident == pytest.approx(expected)
         assert report.to_dict()["real_confident"] == pytest.approx(expected)
         assert f"50.0% (real: {expected:.1%})" in "\n".join(report.lines())
+
+
+def test_classes_present_counts_only_the_classes_some_sample_is_assigned():
+    """Three classes, samples assigned to classes 0 and 2 only: two present, class 1 missing."""
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1]])
+    samples = torch.arange(3.0).view(3, 1, 1, 1)
+    classify = lambda x: probs[x.flatten().long()].log()
+    report = evaluate_samples(samples, torch.randn(6, 1, 1, 1), lambda x: x.flatten(1), classify)
+    assert report.label_counts == [2, 0, 1]
+    assert report.classes_present == 2 and report.to_dict()["classes_present"] == 2
+    assert "(2/3 present)" in "\n".join(report.lines())
