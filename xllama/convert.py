@@ -1,5 +1,5 @@
-"""Real checkpoints in and out: Meta's Llama 2 (`params.json` + `consolidated.*.pth`), Hugging Face
-Llama, Mistral and Mixtral (`config.json` + `*.safetensors`), and our own
+"""Real checkpoints in and out: Meta's Llama 2 and 3 (`params.json` + `consolidated.*.pth`),
+Hugging Face Llama (2 and 3), Mistral and Mixtral (`config.json` + `*.safetensors`), and our own
 (`transformer.training.checkpoint` directories).
 
 Nothing here unpickles code: `.pth` shards are read with `torch.load(weights_only=True)`, everything
@@ -152,8 +152,8 @@ def config_from_hf(hf: dict, rope_pairing: str = "half") -> LlamaConfig:
         rope.update(hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "linear"):
-            raise XLlamaError(f"rope scaling {kind!r} is not supported (only linear)")
+        if kind not in ("default", "linear", "llama3"):
+            raise XLlamaError(f"rope scaling {kind!r} is not supported (only linear and llama3)")
         moe = _hf_moe(hf, model_type)
         head_dim = hf.get("head_dim") or dim // n_heads
         if head_dim != dim // n_heads:
@@ -172,13 +172,43 @@ def config_from_hf(hf: dict, rope_pairing: str = "half") -> LlamaConfig:
             max_seq_len=int(hf.get("max_position_embeddings", 4096)),
             rope_theta=float(theta),
             rope_pairing=rope_pairing,
-            rope_scaling=float(rope.get("factor", 1.0)) if kind == "linear" else 1.0,
+            **_rope_scaling_from_hf(rope, kind),
             sliding_window=hf.get("sliding_window") if model_type != "llama" else None,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             **moe,
         )
     except KeyError as exc:
         raise XLlamaError(f"config.json lacks {exc.args[0]!r}") from None
+
+
+def _rope_scaling_from_hf(rope: dict, kind: str) -> dict:
+    """Our rope_scaling fields from Hugging Face's rope_scaling / rope_parameters dict."""
+    if kind == "default":
+        return {}
+    fields = {"rope_scaling": float(rope.get("factor", 1.0)), "rope_scaling_type": kind}
+    if kind == "llama3":
+        fields.update(
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+            rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
+        )
+    return fields
+
+
+def _rope_scaling_to_hf(config: LlamaConfig) -> dict | None:
+    if config.rope_scaling_type == "linear":
+        return (
+            None
+            if config.rope_scaling == 1.0
+            else {"rope_type": "linear", "factor": config.rope_scaling}
+        )
+    return {
+        "rope_type": "llama3",
+        "factor": config.rope_scaling,
+        "low_freq_factor": config.rope_low_freq_factor,
+        "high_freq_factor": config.rope_high_freq_factor,
+        "original_max_position_embeddings": config.rope_original_max_seq_len,
+    }
 
 
 def _hf_moe(hf: dict, model_type: str) -> dict:
@@ -211,9 +241,7 @@ def config_to_hf(config: LlamaConfig) -> dict:
         "rms_norm_eps": config.norm_eps,
         "max_position_embeddings": config.max_seq_len,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None
-        if config.rope_scaling == 1.0
-        else {"rope_type": "linear", "factor": config.rope_scaling},
+        "rope_scaling": _rope_scaling_to_hf(config),
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -373,6 +401,16 @@ def _meta_shard_dim(name: str):
 
 
 def config_from_meta(params: dict, vocab_size: int, max_seq_len: int = 4096) -> LlamaConfig:
+    """Our config from Meta's `params.json` (Llama 2; Llama 3.x with `use_scaled_rope`)."""
+    rope = {}
+    if params.get("use_scaled_rope"):  # Llama 3.1 and 3.2: `llama3_frequencies`
+        if params.get("rope_scaling_factor") is None:
+            raise XLlamaError(
+                "params.json sets use_scaled_rope but no rope_scaling_factor: Meta's code takes the "
+                "factor from the release (8 for Llama 3.1, 32 for Llama 3.2 1B and 3B); add "
+                '"rope_scaling_factor" to params.json'
+            )
+        rope = {"rope_scaling": float(params["rope_scaling_factor"]), "rope_scaling_type": "llama3"}
     try:
         return LlamaConfig(
             dim=int(params["dim"]),
@@ -386,6 +424,7 @@ def config_from_meta(params: dict, vocab_size: int, max_seq_len: int = 4096) -> 
             max_seq_len=int(params.get("max_seq_len", max_seq_len)),
             rope_theta=float(params.get("rope_theta", 10000.0)),
             rope_pairing="adjacent",
+            **rope,
         )
     except KeyError as exc:
         raise XLlamaError(f"params.json lacks {exc.args[0]!r}") from None
@@ -503,8 +542,8 @@ def load_checkpoint(
     directory: Path, tokenizer: str | None = None
 ) -> tuple[Llama, object, dict | None]:
     """(model, tokenizer, our config dict or None) of any checkpoint kind. The tokenizer is the file
-    `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` beside the
-    weights; a run trained with LoRA comes back with its adapters merged into the weights (and a
+    `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` (or else a
+    `tokenizer.json`) beside the weights; a run trained with LoRA comes back with its adapters merged into the weights (and a
     quantised base dequantised first); a model quantised for decoding stays quantised."""
     config = None
     if checkpoint_kind(directory) == PACKAGE:

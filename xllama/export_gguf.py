@@ -170,6 +170,8 @@ def export_gguf(model: Llama, tokenizer, path: Path, dtype: str = "f32") -> Path
         raise XLlamaError("llama.cpp's llama architecture has rotary positions only, not ALiBi")
     if c.sliding_window is not None:
         raise XLlamaError("llama.cpp's llama architecture has no sliding window")
+    if c.rope_scaling_type != "linear":  # llama.cpp reads it as a rope_freqs tensor: not written
+        raise XLlamaError("GGUF export of Llama 3's rope scaling is not supported (linear only)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -5,7 +5,8 @@ A decoder-only Transformer (Vaswani et al. 2017) with the changes Llama made to 
 - pre-normalisation with RMSNorm (Zhang & Sennrich 2019) instead of LayerNorm, computed in float32;
 - the SwiGLU feed-forward network (Shazeer 2020) with Llama's hidden-size rule;
 - rotary position embeddings (RoFormer, Su et al. 2021) applied to queries and keys, instead of
-  learned absolute positions; optional linear position interpolation (Chen et al. 2023);
+  learned absolute positions; optional linear position interpolation (Chen et al. 2023), or
+  Llama 3.1's frequency-dependent scaling (Llama Team 2024) for Llama 3 checkpoints;
 - grouped-query attention (Ainslie et al. 2023) through `n_kv_heads` (MHA, GQA and MQA);
 - no biases anywhere.
 
@@ -81,7 +82,26 @@ class LlamaConfig:
         "which coordinates rotate together: adjacent (x0,x1),(x2,x3).. as in Meta's checkpoints, or half (x_i, x_{i+d/2}) as in Hugging Face checkpoints (rotate_half)",
     )
     rope_scaling: float = param(
-        1.0, "linear position interpolation factor: positions are divided by it (Chen et al. 2023)"
+        1.0,
+        "RoPE scaling factor: linear position interpolation divides positions by it (Chen et al. 2023); llama3 divides the low frequencies by it",
+    )
+    rope_scaling_type: Literal["linear", "llama3"] = param(
+        "linear",
+        "how rope_scaling applies: linear (every position) or llama3 (Llama 3.1: low frequencies divided by it, high ones kept, a smooth blend between)",
+        added=True,
+    )
+    rope_low_freq_factor: float = param(
+        1.0,
+        "llama3 scaling: wavelengths longer than rope_original_max_seq_len / this are fully scaled",
+        added=True,
+    )
+    rope_high_freq_factor: float = param(
+        4.0,
+        "llama3 scaling: wavelengths shorter than rope_original_max_seq_len / this are kept",
+        added=True,
+    )
+    rope_original_max_seq_len: int = param(
+        8192, "llama3 scaling: the context length the model was pretrained on", added=True
     )
     sliding_window: int | None = param(
         None,
@@ -113,7 +133,9 @@ class LlamaConfig:
             self,
             positive=("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                       "ffn_dim_multiplier", "ffn_hidden_dim", "norm_eps", "max_seq_len",
-                      "rope_theta", "rope_scaling", "sliding_window", "init_std", "n_experts"),
+                      "rope_theta", "rope_scaling", "rope_low_freq_factor",
+                      "rope_high_freq_factor", "rope_original_max_seq_len", "sliding_window",
+                      "init_std", "n_experts"),
             below_one=("dropout",),
         )  # fmt: skip
         n_kv = self.kv_heads
@@ -133,6 +155,15 @@ class LlamaConfig:
             raise XLlamaError(f"sliding_window must be positive, not {self.sliding_window}")
         if self.rope_scaling <= 0:
             raise XLlamaError(f"rope_scaling must be positive, not {self.rope_scaling}")
+        if self.rope_scaling_type not in ("linear", "llama3"):
+            raise XLlamaError(
+                f"rope_scaling_type must be 'linear' or 'llama3', not {self.rope_scaling_type!r}"
+            )
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise XLlamaError(
+                f"rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+                f"rope_low_freq_factor ({self.rope_low_freq_factor})"
+            )
         if self.position not in ("rope", "alibi"):
             raise XLlamaError(f"position must be 'rope' or 'alibi', not {self.position!r}")
         if self.n_experts is not None and not 0 < self.experts_per_token <= self.n_experts:
@@ -307,18 +338,47 @@ def router_losses(model: nn.Module, all_reduce=None) -> tuple[Tensor, Tensor, Te
 
 
 def rope_tables(
-    head_dim: int, max_len: int, theta: float = 10000.0, scaling: float = 1.0
+    head_dim: int,
+    max_len: int,
+    theta: float = 10000.0,
+    scaling: float = 1.0,
+    scaling_type: str = "linear",
+    llama3: tuple[float, float, int] = (1.0, 4.0, 8192),
 ) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotation angles, (max_len, head_dim / 2), in float32.
 
     Pair i of a head turns by m · θ_i at position m, θ_i = theta^(-2i/d) (RoFormer Eq. 15). Linear
     position interpolation (Chen et al. 2023) uses m / scaling instead of m, so a model trained on L
-    positions reads L · scaling of them.
+    positions reads L · scaling of them. `scaling_type="llama3"` scales the frequencies instead
+    (`llama3_frequencies`, with `llama3` = its low and high frequency factors and original length).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    positions = torch.arange(max_len, dtype=torch.float64) / scaling
+    positions = torch.arange(max_len, dtype=torch.float64)
+    if scaling_type == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, scaling, *llama3)
+    else:
+        positions = positions / scaling
     angles = torch.outer(positions, inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def llama3_frequencies(
+    inv_freq: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original: int
+) -> Tensor:
+    """Llama 3.1's RoPE scaling (Llama Team 2024, "The Llama 3 Herd of Models"; Meta's
+    `apply_scaling`, Hugging Face's rope_type "llama3"), for a context longer than the `original`
+    length L the model was pretrained on. A pair whose wavelength 2π/θ_i is shorter than
+    L / high_freq_factor turns as before; one longer than L / low_freq_factor turns `factor` times
+    slower (θ_i / factor, interpolation); in between, θ_i is blended as (1 - s) θ_i / factor + s θ_i
+    with s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    wavelength = 2 * torch.pi / inv_freq
+    s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - s) * inv_freq / factor + s * inv_freq
+    return torch.where(
+        wavelength < original / high_freq_factor,
+        inv_freq,
+        torch.where(wavelength > original / low_freq_factor, inv_freq / factor, blended),
+    )
 
 
 def apply_rope(x: Tensor, rotation: Tensor, pairing: str = "adjacent") -> Tensor:
@@ -414,9 +474,7 @@ class Llama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(
-            config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling
-        )
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads), persistent=False)
@@ -426,10 +484,17 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
+    def _rope_tables(self) -> tuple[Tensor, Tensor]:
+        c = self.config
+        llama3 = (c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_max_seq_len)
+        return rope_tables(
+            c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling, c.rope_scaling_type, llama3
+        )
+
     def reset_rope_tables(self) -> None:
         """Recompute the rotary tables (after building the model on the meta device)."""
         c = self.config
-        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
+        cos, sin = self._rope_tables()
         self.rope_cos = cos.to(self.tok_embeddings.weight.device)
         self.rope_sin = sin.to(self.tok_embeddings.weight.device)
         self.alibi_slopes = alibi_slopes(c.n_heads).to(self.tok_embeddings.weight.device)

@@ -1,13 +1,16 @@
 """Parity with Hugging Face `LlamaForCausalLM` (random tiny weights, no downloads): HF -> our loader,
-our export -> HF, and a Meta-format sharded checkpoint written here -> our loader."""
+our export -> HF, and a Meta-format sharded checkpoint written here -> our loader; Llama 3's rope
+scaling through all three."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from transformer.training import CheckpointError
 from xllama.convert import export_hf, load_hf, load_meta, load_model
+from xllama.model import Llama, XLlamaError, llama3_frequencies
 from xllama.sampling import generate
 
 transformers = pytest.importorskip("transformers")
@@ -15,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 
 
-def hf_model(n_kv_heads, tie=False, rope_scaling=None):
+def hf_model(n_kv_heads, tie=False, rope_scaling=None, rope_theta=500.0, init_std=0.02):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=32,
@@ -26,10 +29,11 @@ def hf_model(n_kv_heads, tie=False, rope_scaling=None):
         vocab_size=128,
         max_position_embeddings=64,
         rms_norm_eps=1e-6,
-        rope_theta=500.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=tie,
         rope_scaling=rope_scaling,
         attn_implementation="eager",
+        initializer_range=init_std,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF zero-initialises nothing we rely on, but norms start at 1: perturb
@@ -86,7 +90,45 @@ def test_tied_embeddings_and_linear_rope_scaling_round_trip(tmp_path):
         torch.testing.assert_close(back(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
 
 
-def write_meta_checkpoint(hf, directory, shards=2):
+def test_llama3_frequencies_by_hand():
+    # Original length 64, low/high frequency factors 1 and 4, factor 8: wavelengths 2π/θ of
+    # 6.28 (< 64/4: kept), 31.4 (between: blended), 126 and 628 (> 64/1: divided by 8).
+    # The blend: s = (64 / 31.416 - 1) / (4 - 1) = 0.34574, θ' = (1 - s)·0.2/8 + s·0.2 = 0.085505.
+    inv_freq = torch.tensor([1.0, 0.2, 0.05, 0.01], dtype=torch.float64)
+    scaled = llama3_frequencies(inv_freq, 8.0, 1.0, 4.0, 64)
+    expected = torch.tensor([1.0, 0.085505, 0.00625, 0.00125], dtype=torch.float64)
+    torch.testing.assert_close(scaled, expected, rtol=1e-4, atol=0)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+
+
+def test_llama3_rope_scaling_loads_and_exports_with_identical_logits_and_greedy(tmp_path):
+    # Llama 3.2's settings (theta 500,000, factor 32, tied embeddings) with a short original
+    # length so that 48 positions reach the scaled frequencies; larger weights make attention
+    # sharp enough that the scaling changes the logits (checked against the unscaled model).
+    theirs = hf_model(2, tie=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, init_std=0.3)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf").eval()
+    c = ours.config
+    assert (c.rope_scaling_type, c.rope_scaling, c.rope_original_max_seq_len) == ("llama3", 32, 16)
+    tokens = torch.randint(0, 128, (2, 48))
+    unscaled = Llama(replace(c, rope_scaling=1.0, rope_scaling_type="linear")).eval()
+    unscaled.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        expected = theirs(tokens).logits
+        torch.testing.assert_close(ours(tokens), expected, atol=1e-4, rtol=1e-5)
+        assert (unscaled(tokens) - expected).abs().max() > 1.0
+    prompt = [3, 14, 15, 92, 65]
+    assert generate(ours, [prompt], 30, temperature=0) == [hf_greedy(theirs, prompt, 30)]
+    export_hf(ours, tmp_path / "out")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, expected, atol=1e-4, rtol=1e-5)
+
+
+def write_meta_checkpoint(hf, directory, shards=2, **params):
     """What Meta's release looks like, made from HF weights with the inverse of HF's conversion
     (permute W_q, W_k rows back to adjacent pairs) and split over `shards` model-parallel files."""
     c = hf.config
@@ -136,7 +178,7 @@ def write_meta_checkpoint(hf, directory, shards=2):
         "norm_eps": c.rms_norm_eps,
         "rope_theta": 500.0,
         "vocab_size": -1,
-    }
+    } | params
     (directory / "params.json").write_text(json.dumps(params))
 
 
@@ -153,6 +195,22 @@ def test_meta_sharded_checkpoint_matches_hf_converted(kind, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(meta(tokens), from_hf(tokens), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(meta(tokens), theirs(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_meta_llama3_scaled_rope_matches_hf_and_needs_its_factor(tmp_path):
+    # Meta's Llama 3.1 code scales with its own constants (original length 8192, factors 1 and 4);
+    # theta 500,000 puts the slowest pairs' wavelengths (up to 118,000) past 8,192.
+    rope = LLAMA3_ROPE | {"factor": 8.0, "original_max_position_embeddings": 8192}
+    theirs = hf_model(2, rope_scaling=rope, rope_theta=500000.0, init_std=0.3)
+    write_meta_checkpoint(theirs, tmp_path / "meta", rope_theta=500000.0, use_scaled_rope=True,
+                          rope_scaling_factor=8)  # fmt: skip
+    meta = load_meta(tmp_path / "meta").eval()
+    tokens = torch.randint(0, 128, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(meta(tokens), theirs(tokens).logits, atol=1e-4, rtol=1e-5)
+    write_meta_checkpoint(theirs, tmp_path / "no-factor", rope_theta=500000.0, use_scaled_rope=True)
+    with pytest.raises(XLlamaError, match="use_scaled_rope but no rope_scaling_factor"):
+        load_meta(tmp_path / "no-factor")
 
 
 def test_hf_checkpoint_with_missing_tensor_names_it(tmp_path):

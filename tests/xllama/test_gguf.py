@@ -145,7 +145,10 @@ def test_experts_are_stacked_and_bad_models_are_refused(tokenizer, tmp_path):
         export_gguf(tiny_model(), CharTokenizer.from_text(TEXT), tmp_path / "c.gguf")
     with pytest.raises(XLlamaError, match="not ALiBi"):
         export_gguf(tiny_model(position="alibi"), tokenizer, tmp_path / "a.gguf")
-    assert not (tmp_path / "c.gguf").exists() and not (tmp_path / "a.gguf").exists()
+    with pytest.raises(XLlamaError, match="Llama 3's rope scaling"):
+        llama3 = tiny_model(rope_scaling=8.0, rope_scaling_type="llama3")
+        export_gguf(llama3, tokenizer, tmp_path / "l3.gguf")
+    assert not any(tmp_path.glob("[cal]*.gguf"))
 
 
 @pytest.mark.slow
