@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from tokenizer import fileformat, tiktoken_interop
+from tokenizer import fileformat, hf_interop, tiktoken_interop
 from tokenizer.errors import (
     DisallowedSpecialTokenError,
     EmptyCorpusError,
@@ -176,6 +176,12 @@ class BPETokenizer:
         """Our tokenizer with a tiktoken encoding's ranks, split pattern and special tokens
         (`tokenizer.tiktoken_interop.from_tiktoken`)."""
         return tiktoken_interop.from_tiktoken(cls, encoding_or_name, ranks_file)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path) -> BPETokenizer:
+        """Our tokenizer from a Hugging Face byte-level BPE `tokenizer.json`, Llama 3's or
+        GPT-2's (`tokenizer.hf_interop.from_tokenizer_json`): the same ids as Hugging Face's."""
+        return hf_interop.from_tokenizer_json(cls, path)
 
     def to_tiktoken(self, name: str | None = None):
         """A `tiktoken.Encoding` with our ranks, pattern and special tokens (identical ids)."""

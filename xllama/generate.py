@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer file (tokenizer.bpe, sentencepiece .model, .tiktoken, tiktoken:NAME); "
-        "default: the one the checkpoint names, or tokenizer.model beside it",
+        help="tokenizer file (tokenizer.bpe, sentencepiece .model, Hugging Face tokenizer.json, "
+        ".tiktoken, tiktoken:NAME); default: the one the checkpoint names, or tokenizer.model or "
+        "tokenizer.json beside it",
     )
     parser.add_argument(
         "--adapter",
@@ -131,8 +132,9 @@ def same_tokens(a, b) -> bool:
 class Streamer:
     """Prints the text of the tokens so far as it grows, holding back an incomplete character."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout when streaming starts, not at import: a redirected stdout gets all the text.
+        self.tokenizer, self.out = tokenizer, sys.stdout if out is None else out
         self.ids: list[int] = []
         self.printed = 0
 

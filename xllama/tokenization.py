@@ -4,7 +4,8 @@
   by `xllama.train` or `tokenizer.train`);
 - characters (`CharTokenizer`: the Tiny Shakespeare character-level baseline);
 - a sentencepiece `tokenizer.model` (Llama 2's own tokenizer);
-- a tiktoken encoding (`tiktoken:cl100k_base`, or a `*.tiktoken` ranks file).
+- a tiktoken encoding (`tiktoken:cl100k_base`, or a `*.tiktoken` ranks file);
+- a Hugging Face byte-level BPE `tokenizer.json` (Llama 3's own tokenizer; `HuggingFaceBPE`).
 
 Each wrapper has `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `bos_id`,
 `eos_id` (None when the tokenizer has none) and `spec()`, a JSON-able description that a checkpoint's
@@ -17,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tokenizer import BPETokenizer
+from tokenizer import BPETokenizer, TokenizerError
 from tokenizer.fileformat import FILE_NAME
 from transformer.vocabulary import BPE
 
@@ -111,6 +112,50 @@ class Tiktoken(BPE):
         return {"kind": "tiktoken", "name": self.name}
 
 
+class HuggingFaceBPE(BPE):
+    """A Hugging Face byte-level BPE `tokenizer.json` (Llama 3's, GPT-2's) through our
+    `BPETokenizer.from_tokenizer_json`, the same ids as Hugging Face's. Which special tokens begin
+    and end a text comes from the `tokenizer_config.json` beside it (Llama 3: `<|begin_of_text|>`;
+    `<|end_of_text|>`, or `<|eot_id|>` in the chat models) unless given."""
+
+    kind = "tokenizer.json"
+
+    def __init__(self, path: Path, bos: str | None = None, eos: str | None = None):
+        path = Path(path)
+        try:
+            bpe = BPETokenizer.from_tokenizer_json(path)
+        except TokenizerError as exc:
+            raise XLlamaError(str(exc)) from None
+        super().__init__(bpe, path)
+        if bos is None and eos is None:
+            bos, eos = _roles_beside(path)
+        for role, token in (("bos", bos), ("eos", eos)):
+            if token is not None and token not in bpe.special_tokens:
+                raise XLlamaError(f"{path}: the {role} token {token!r} is not an added token")
+        self.bos, self.eos = bos, eos
+        self.bos_id = None if bos is None else bpe.special_tokens[bos]
+        self.eos_id = None if eos is None else bpe.special_tokens[eos]
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "file": self.file, "bos": self.bos, "eos": self.eos}
+
+
+def _roles_beside(path: Path) -> tuple[str | None, str | None]:
+    """The bos and eos token strings of the `tokenizer_config.json` beside `path`, if any."""
+    config_path = path.with_name("tokenizer_config.json")
+    if not config_path.is_file():
+        return None, None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XLlamaError(f"cannot read {config_path}: {exc}") from None
+    roles = []
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key) if isinstance(config, dict) else None
+        roles.append(token.get("content") if isinstance(token, dict) else token)
+    return roles[0], roles[1]
+
+
 def load_tokenizer(spec: dict | str, base_dir: Path | None = None):
     """A tokenizer from a checkpoint's spec dict, or from a path / `tiktoken:NAME` string."""
     if isinstance(spec, str):
@@ -127,12 +172,15 @@ def load_tokenizer(spec: dict | str, base_dir: Path | None = None):
             data = json.loads(path.read_text())
             if data.get("kind") == "char":
                 return CharTokenizer(data["chars"])
+            return HuggingFaceBPE(path)
         return BPE.load(path)
     kind = spec.get("kind")
     if kind == "char":
         return CharTokenizer(spec["chars"])
     if kind == "tiktoken":
         return Tiktoken(spec["name"])
+    if kind == HuggingFaceBPE.kind:
+        return HuggingFaceBPE(find_beside(spec["file"], base_dir), spec["bos"], spec["eos"])
     if kind in ("bpe", "sentencepiece"):
         path = find_beside(spec["file"], base_dir)
         return BPE.load(path) if kind == "bpe" else SentencePiece(path)
@@ -149,12 +197,15 @@ def find_beside(name: str, base_dir: Path | None) -> Path:
 
 
 def tokenizer_for_checkpoint(directory: Path, config: dict | None):
-    """The tokenizer a checkpoint names in its config, or a `tokenizer.model` beside it."""
+    """The tokenizer a checkpoint names in its config, or a `tokenizer.model` (sentencepiece:
+    Llama 2) or else a `tokenizer.json` (Llama 3) beside it."""
     directory = Path(directory)
     if config and config.get("tokenizer"):
         return load_tokenizer(config["tokenizer"], directory)
     if (directory / "tokenizer.model").is_file():
         return SentencePiece(directory / "tokenizer.model")
+    if (directory / "tokenizer.json").is_file():
+        return HuggingFaceBPE(directory / "tokenizer.json")
     return None
 
 
@@ -162,7 +213,10 @@ def keep_tokenizer(tokenizer, directory: Path) -> None:
     """Copy a tokenizer's file into a run directory, so the run's spec finds it there."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(tokenizer, BPE) and not isinstance(tokenizer, Tiktoken):
+    if isinstance(tokenizer, HuggingFaceBPE):
+        if tokenizer.path.parent.resolve() != directory.resolve():
+            shutil.copyfile(tokenizer.path, directory / tokenizer.file)
+    elif isinstance(tokenizer, BPE) and not isinstance(tokenizer, Tiktoken):
         tokenizer.save(directory / FILE_NAME)
     elif isinstance(tokenizer, SentencePiece) and tokenizer.path.parent != directory:
         shutil.copyfile(tokenizer.path, directory / tokenizer.file)
