@@ -78,6 +78,9 @@ def files(tmp_path_factory):
         (root / name / "config.json").write_text(json.dumps(content))
     save_checkpoint(root / "binary-config", Llama(config), good)
     (root / "binary-config" / "config.json").write_bytes(bytes(range(256)))
+    save_checkpoint(root / "good", Llama(config), good)
+    (root / "broken.json").write_text("{")
+    (root / "list.json").write_text("[1, 2]")
     return root
 
 
@@ -254,6 +257,26 @@ def test_a_damaged_or_foreign_checkpoint_config_is_one_line(files, variant, mess
         (xl_merge, ["--checkpoint", "{dir}", "--out", "{dir}/m"], "is not a checkpoint"),
         (tok_train, ["--input", "{binary}"], "is not UTF-8 text"),
         (
+            xl_generate,
+            ["--checkpoint", "{good}", "--tokenizer", "{broken}"],
+            "cannot read tokenizer",
+        ),
+        (
+            xl_generate,
+            ["--checkpoint", "{good}", "--tokenizer", "{list}"],
+            "not a Hugging Face BPE",
+        ),
+        (
+            tok_encode,
+            ["--tokenizer", "{list}", "--input", "{binary}", "--out", "{dir}/x.bin"],
+            "not a Hugging Face BPE",
+        ),  # fmt: skip
+        (
+            tok_encode,
+            ["--tokenizer", "llama3", "--input", "{binary}", "--out", "{dir}/x.bin"],
+            "llama3 is not a tiktoken download",
+        ),  # fmt: skip
+        (
             tok_encode,
             ["--tokenizer", "{binary}", "--input", "{binary}", "--out", "{dir}/x.bin"],
             "binary",
@@ -261,7 +284,8 @@ def test_a_damaged_or_foreign_checkpoint_config_is_one_line(files, variant, mess
     ],
 )
 def test_a_bad_file_is_named_in_one_line(files, module, argv, message, capsys, tmp_path):
-    argv = [a.format(dir=files / "dir", binary=files / "binary",
+    argv = [a.format(dir=files / "dir", binary=files / "binary", good=files / "good",
+                     broken=files / "broken.json", list=files / "list.json",
                      **{"binary-config": files / "binary-config"}) for a in argv]  # fmt: skip
     if module in (xl_train, tr_train, dali_train, tok_train):
         argv += ["--out", str(tmp_path / "out")]

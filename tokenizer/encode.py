@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="DIR",
         help="a directory written by tokenizer.train (tokenizer.bpe or tokenizer.model), one of "
-        f"those files, or a tiktoken encoding name ({', '.join(TIKTOKEN_ENCODINGS)}) with --ranks",
+        "those files, a Hugging Face byte-level BPE tokenizer.json, or a tiktoken encoding name "
+        f"({', '.join(TIKTOKEN_ENCODINGS)}; llama3: Meta's Llama 3 tokenizer.model) with --ranks",
     )
     parser.add_argument(
         "--ranks",
@@ -78,6 +79,8 @@ def load_tokenizer(where: str, ranks: Path | None = None) -> BPETokenizer | Sent
         )
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
+    if path.suffix == ".json":  # a Hugging Face tokenizer.json
+        return BPETokenizer.from_tokenizer_json(path)
     return BPETokenizer.load(path)
 
 

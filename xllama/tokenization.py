@@ -15,6 +15,7 @@ config stores so `xllama.generate` can rebuild the tokenizer.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -92,20 +93,26 @@ class SentencePiece:
 
 class Tiktoken(BPE):
     """A tiktoken encoding (`cl100k_base`, `o200k_base`, `r50k_base`), by name (tiktoken's cache)
-    or from its ranks file (`cl100k_base.tiktoken`), through our `BPETokenizer.from_tiktoken`."""
+    or from its ranks file (`cl100k_base.tiktoken`), or Meta's Llama 3 `tokenizer.model` (a ranks
+    file under a sentencepiece name; `<|begin_of_text|>` begins a text, `<|end_of_text|>` ends
+    it), through our `BPETokenizer.from_tiktoken`."""
 
     kind = "tiktoken"
 
     def __init__(self, name_or_path: str):
         path = Path(name_or_path)
         try:
-            if path.suffix == ".tiktoken":
-                bpe = BPETokenizer.from_tiktoken(path.stem, ranks_file=path)
+            if path.suffix in (".tiktoken", ".model"):
+                name = "llama3" if path.suffix == ".model" else path.stem
+                bpe = BPETokenizer.from_tiktoken(name, ranks_file=path)
             else:
                 bpe = BPETokenizer.from_tiktoken(str(name_or_path))
         except Exception as exc:
             raise XLlamaError(f"cannot load tiktoken encoding {name_or_path}: {exc}") from None
         super().__init__(bpe)
+        if "<|begin_of_text|>" in bpe.special_tokens:  # Llama 3's
+            self.bos_id = bpe.special_tokens["<|begin_of_text|>"]
+            self.eos_id = bpe.special_tokens["<|end_of_text|>"]
         self.name = str(name_or_path)
 
     def spec(self) -> dict:
@@ -165,12 +172,15 @@ def load_tokenizer(spec: dict | str, base_dir: Path | None = None):
         if not path.is_file():
             raise XLlamaError(f"tokenizer file not found: {path}")
         if path.suffix == ".model":
-            return SentencePiece(path)
+            return model_file(path)
         if path.suffix == ".tiktoken":
             return Tiktoken(str(path))
         if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            if data.get("kind") == "char":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise XLlamaError(f"cannot read tokenizer {path} as JSON: {exc}") from None
+            if isinstance(data, dict) and data.get("kind") == "char":
                 return CharTokenizer(data["chars"])
             return HuggingFaceBPE(path)
         return BPE.load(path)
@@ -187,6 +197,19 @@ def load_tokenizer(spec: dict | str, base_dir: Path | None = None):
     raise XLlamaError(f"unknown tokenizer kind {kind!r}")
 
 
+def model_file(path: Path) -> SentencePiece | Tiktoken:
+    """A `tokenizer.model`: sentencepiece's protobuf (Llama 2), or Meta's Llama 3 tiktoken ranks
+    (text lines of base64 bytes and a rank), told apart by the first line."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256)
+    except OSError as exc:
+        raise XLlamaError(f"cannot read {path}: {exc}") from None
+    if re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?\n?", first):
+        return Tiktoken(str(path))
+    return SentencePiece(path)
+
+
 def find_beside(name: str, base_dir: Path | None) -> Path:
     """`name` in a checkpoint directory or in the run directory two levels up."""
     base = Path(base_dir or ".")
@@ -198,12 +221,12 @@ def find_beside(name: str, base_dir: Path | None) -> Path:
 
 def tokenizer_for_checkpoint(directory: Path, config: dict | None):
     """The tokenizer a checkpoint names in its config, or a `tokenizer.model` (sentencepiece:
-    Llama 2) or else a `tokenizer.json` (Llama 3) beside it."""
+    Llama 2; tiktoken ranks: Meta's Llama 3) or else a `tokenizer.json` (Llama 3) beside it."""
     directory = Path(directory)
     if config and config.get("tokenizer"):
         return load_tokenizer(config["tokenizer"], directory)
     if (directory / "tokenizer.model").is_file():
-        return SentencePiece(directory / "tokenizer.model")
+        return model_file(directory / "tokenizer.model")
     if (directory / "tokenizer.json").is_file():
         return HuggingFaceBPE(directory / "tokenizer.json")
     return None

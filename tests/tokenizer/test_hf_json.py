@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenizer import BPETokenizer, TokenizerError, embedded_corpus
+from tokenizer import BPETokenizer, TokenizerError, embedded_corpus, read_tokens
+from tokenizer import encode as encode_command
 
 converter = pytest.importorskip("transformers.convert_slow_tokenizer")
 tokenizers = pytest.importorskip("tokenizers")
@@ -120,3 +121,21 @@ def test_files_it_cannot_read_exactly_are_one_clear_error(trained, tmp_path, cha
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(TokenizerError, match="cannot read"):
         BPETokenizer.from_tokenizer_json(tmp_path / "broken.json")
+
+
+def test_encode_command_reads_tokenizer_json_and_meta_llama3_ranks(trained, tmp_path):
+    # Meta ships Llama 3's ranks as `tokenizer.model`: `--tokenizer llama3 --ranks FILE` reads it
+    # with Llama 3's pattern and numbers its special tokens after the ranks, as the HF file does.
+    hf, path = trained["llama3"]
+    (tmp_path / "in.txt").write_text(TEXTS[1] + TEXTS[4], encoding="utf-8")
+    expected = _hf_ids(hf, TEXTS[1] + TEXTS[4])
+    ranks_file = path.parent / "ranks.tiktoken"
+    for where in (
+        ["--tokenizer", str(path)],
+        ["--tokenizer", "llama3", "--ranks", str(ranks_file)],
+    ):
+        out = tmp_path / "tokens.bin"
+        args = where + ["--input", str(tmp_path / "in.txt"), "--out", str(out)]
+        args += ["--separator", "<|end_of_text|>"]
+        assert encode_command.main(args) == 0
+        assert read_tokens(out).tolist() == expected + [601]
