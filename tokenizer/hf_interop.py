@@ -82,7 +82,8 @@ def from_tokenizer_json(cls, path: str | Path):
     if out_of_order is not None:
         raise TokenizerFileError(
             f"{where}: merge {out_of_order} makes a token of lower id than the merge before it; "
-            "only vocabularies whose ids are merge ranks (GPT-2's, tiktoken conversions) are supported"
+            "only vocabularies whose ids are merge ranks (GPT-2's, tiktoken conversions) are "
+            "supported"
         )
     specials = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
     special_ids = set(specials.values())

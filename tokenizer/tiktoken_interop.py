@@ -27,13 +27,13 @@ TIKTOKEN_ENCODINGS = {
 # pattern and 256 special tokens numbered after the ranks, named as in Llama 3.1 (3.0 left some of
 # them reserved: the beginning, end, header and end-of-turn tokens have the same ids in both).
 LLAMA3_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 _LLAMA3_NAMED = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-                 "<|python_tag|>"]  # fmt: skip
+                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
+                 "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+                 "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]  # fmt: skip
 LLAMA3_SPECIAL_TOKENS = _LLAMA3_NAMED + [
     f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(_LLAMA3_NAMED))
 ]
@@ -44,9 +44,10 @@ def from_tiktoken(cls, encoding_or_name, ranks_file: str | Path | None = None):
     """Our tokenizer with a tiktoken encoding's ranks, split pattern and special tokens.
 
     `encoding_or_name` is a `tiktoken.Encoding` or a name: "cl100k_base", "o200k_base",
-    "r50k_base", or "llama3" (Meta's Llama 3 `tokenizer.model` as `ranks_file`). With `ranks_file`, the ranks are read from that local `.tiktoken` file and
-    the pattern and special tokens are tiktoken's for that name; without it, tiktoken loads
-    the encoding itself (which may need its download cache).
+    "r50k_base", or "llama3" (Meta's Llama 3 `tokenizer.model` as `ranks_file`). With
+    `ranks_file`, the ranks are read from that local file and the pattern and special tokens are
+    those of the name; without it, tiktoken loads the encoding itself (which may need its
+    download cache).
     """
     import tiktoken
     import tiktoken.load
@@ -74,7 +75,8 @@ def from_tiktoken(cls, encoding_or_name, ranks_file: str | Path | None = None):
         except Exception as err:
             reason = " ".join(str(err).split())  # tiktoken's message spans lines
             raise TokenizerError(
-                f"tiktoken could not load {name!r} ({reason}); pass ranks_file= a local .tiktoken file"
+                f"tiktoken could not load {name!r} ({reason}); "
+                "pass ranks_file= a local .tiktoken file"
             ) from None
     else:
         encoding = encoding_or_name

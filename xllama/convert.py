@@ -543,8 +543,9 @@ def load_checkpoint(
 ) -> tuple[Llama, object, dict | None]:
     """(model, tokenizer, our config dict or None) of any checkpoint kind. The tokenizer is the file
     `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` (or else a
-    `tokenizer.json`) beside the weights; a run trained with LoRA comes back with its adapters merged into the weights (and a
-    quantised base dequantised first); a model quantised for decoding stays quantised."""
+    `tokenizer.json`) beside the weights; a run trained with LoRA comes back with its adapters
+    merged into the weights (and a quantised base dequantised first); a model quantised for
+    decoding stays quantised."""
     config = None
     if checkpoint_kind(directory) == PACKAGE:
         directory = find_checkpoint(directory)
