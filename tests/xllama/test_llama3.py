@@ -5,7 +5,8 @@ through `transformers`' `TikTokenConverter`, Llama 3's 256 special tokens, `<|be
 `<|end_of_text|>` named in `tokenizer_config.json`), rope_type "llama3" and tied embeddings; the
 Meta directory the same weights as `consolidated.*.pth` with `use_scaled_rope`, and the ranks as
 Meta ships them, a tiktoken file named `tokenizer.model`. `xllama.generate` prints the text of
-Hugging Face's greedy `generate` from either."""
+Hugging Face's greedy `generate` from either, and a LoRA fine-tune of the HF directory keeps its
+`tokenizer.json` and its RoPE scaling."""
 
 import base64
 import json
@@ -19,6 +20,7 @@ from tokenizer.tiktoken_interop import LLAMA3_SPECIAL_TOKENS
 from xllama.convert import load_checkpoint
 from xllama.generate import main as generate_main
 from xllama.tokenization import HuggingFaceBPE, Tiktoken, keep_tokenizer, load_tokenizer
+from xllama.train import main as train_main
 
 transformers = pytest.importorskip("transformers")
 converter = pytest.importorskip("transformers.convert_slow_tokenizer")
@@ -93,3 +95,20 @@ def test_meta_tokenizer_model_is_read_as_tiktoken_ranks(llama3):
     hf = HuggingFaceBPE(llama3["hf"] / "tokenizer.json")
     text = embedded_corpus()[:3000]
     assert tokenizer.encode(text) == hf.encode(text)
+
+
+def test_lora_fine_tune_keeps_the_tokenizer_json(llama3, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text(embedded_corpus()[:20000])
+    args = ["--init-from", str(llama3["hf"]), "--text", str(text), "--lora-rank", "4",
+            "--steps", "3", "--device", "cpu", "--sample-tokens", "0", "--checkpoint-every", "0",
+            "--out", str(tmp_path / "ft")]  # fmt: skip
+    assert train_main(args) == 0
+    assert (tmp_path / "ft" / "tokenizer.json").is_file()
+    _, tokenizer, config = load_checkpoint(tmp_path / "ft")
+    assert config["model"]["rope_scaling_type"] == "llama3"
+    assert (tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id) == ("tokenizer.json", BOS, EOS)
+    capsys.readouterr()
+    args = ["--checkpoint", str(tmp_path / "ft"), "--prompt", PROMPT, "--max-new-tokens", "5"]
+    assert generate_main(args) == 0
+    assert capsys.readouterr().out.startswith(PROMPT)
