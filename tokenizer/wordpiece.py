@@ -2,6 +2,9 @@
 Nakajima 2012).
 
 Three steps, as in BERT's released `tokenization.py` and Hugging Face's `BertTokenizer`:
+0. (Hugging Face's, not BERT's code) the special tokens written in the text, exactly as in the
+   vocabulary (`[MASK]`, not `[mask]`), are cut out first and become their ids, so a fill-in prompt
+   "Paris is the [MASK] of France." holds one [MASK]; the text around them goes through 1 and 2.
 1. `basic_tokenize`: clean the text (drop NUL, U+FFFD and control characters, map white space to
    spaces), put spaces around CJK ideographs, lower-case and strip accents (NFD, drop the
    combining marks), then split on white space and on every punctuation character.
@@ -26,6 +29,7 @@ its CJK extension-E range at U+2B920 where BERT's code (and this module) says U+
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -141,6 +145,8 @@ class WordPieceTokenizer:
         self.cls_id = self.token_to_id.get("[CLS]")
         self.sep_id = self.token_to_id.get("[SEP]")
         self.mask_id = self.token_to_id.get("[MASK]")
+        self._special_ids = {t: self.token_to_id[t] for t in SPECIALS if t in self.token_to_id}
+        self._special_split = re.compile(f"({'|'.join(map(re.escape, self._special_ids))})")
 
     @property
     def vocab_size(self) -> int:
@@ -164,8 +170,15 @@ class WordPieceTokenizer:
         return ids
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of the text, without [CLS]/[SEP]."""
-        return [i for word in basic_tokenize(text, self.lower_case) for i in self.word_pieces(word)]
+        """Token ids of the text, without [CLS]/[SEP]; special tokens in it are their own ids."""
+        ids = []
+        for piece in self._special_split.split(text):
+            if piece in self._special_ids:
+                ids.append(self._special_ids[piece])
+            else:
+                words = basic_tokenize(piece, self.lower_case)
+                ids += [i for word in words for i in self.word_pieces(word)]
+        return ids
 
     def encode_pair(self, first: str, second: str | None = None) -> tuple[list[int], list[int]]:
         """BERT's input (§3, Figure 2): [CLS] A [SEP] (B [SEP]); (ids, segment ids)."""

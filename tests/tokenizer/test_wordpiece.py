@@ -23,6 +23,7 @@ VARIED = [
     "a" * 120 + " " + "supercalifragilisticexpialidocious",
     "   ",
     "",
+    "Paris is the [MASK] of France. a[MASK]b [mask] [Mask] x [CLS][SEP] [PAD]y [[UNK]] [ MASK ]",
 ]
 
 
@@ -93,6 +94,19 @@ KNOWN_CHARACTERS = st.one_of(
 def test_hypothesis_text_equals_bert_tokenizer(trained, text):
     ours, hf = trained
     assert basic_tokenize(text) == _hf_words(hf, text)
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.one_of(st.text(alphabet=KNOWN_CHARACTERS, max_size=8),
+                          st.sampled_from(["[MASK]", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[mask]"])),
+                max_size=8))  # fmt: skip
+def test_hypothesis_text_with_special_tokens_equals_bert_tokenizer(trained, pieces):
+    # Hugging Face cuts the special tokens out of the text first (exact, case-sensitive match).
+    ours, hf = trained
+    text = "".join(pieces)
     assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
 
 
