@@ -121,9 +121,10 @@ class Tiktoken(BPE):
 
 class HuggingFaceBPE(BPE):
     """A Hugging Face byte-level BPE `tokenizer.json` (Llama 3's, GPT-2's) through our
-    `BPETokenizer.from_tokenizer_json`, the same ids as Hugging Face's. Which special tokens begin
-    and end a text comes from the `tokenizer_config.json` beside it (Llama 3: `<|begin_of_text|>`;
-    `<|end_of_text|>`, or `<|eot_id|>` in the chat models) unless given."""
+    `BPETokenizer.from_tokenizer_json`, the same ids as Hugging Face's: as there, special tokens
+    written in the text (a chat model's `<|start_header_id|>`, ...) become their ids. Which special
+    tokens begin and end a text comes from the `tokenizer_config.json` beside it (Llama 3:
+    `<|begin_of_text|>`; `<|end_of_text|>`, or `<|eot_id|>` in the chat models) unless given."""
 
     kind = "tokenizer.json"
 
@@ -142,6 +143,9 @@ class HuggingFaceBPE(BPE):
         self.bos, self.eos = bos, eos
         self.bos_id = None if bos is None else bpe.special_tokens[bos]
         self.eos_id = None if eos is None else bpe.special_tokens[eos]
+
+    def encode(self, text: str) -> list[int]:
+        return self.bpe.encode(text, allowed_special="all")
 
     def spec(self) -> dict:
         return {"kind": self.kind, "file": self.file, "bos": self.bos, "eos": self.eos}

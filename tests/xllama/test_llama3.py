@@ -82,6 +82,8 @@ def test_tokenizer_roles_come_from_its_config_and_survive_a_copy(llama3, tmp_pat
     again = load_tokenizer(tokenizer.spec(), tmp_path)
     assert (again.bos_id, again.eos_id, again.vocab_size) == (BOS, EOS, 656)
     assert again.encode("a b c") == tokenizer.encode("a b c")
+    # As Hugging Face does, a chat prompt's special tokens are their ids, not text.
+    assert tokenizer.encode("<|eot_id|>a") == [BOS + 9, *tokenizer.encode("a")]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     with pytest.raises(Exception, match="the bos token '<s>' is not an added token"):
         HuggingFaceBPE(tmp_path / "tokenizer.json")
