@@ -5,14 +5,16 @@ The file is written by the `gguf` package (llama.cpp's own reader and writer, th
 this module is the mapping from our model and tokenizer to llama.cpp's `llama` architecture:
 
 - metadata: `llama.*` shape keys (context, width, blocks, FFN size, heads, KV heads, RMSNorm ε,
-  rotary base and dimension, linear rope scaling; expert counts for a mixture of experts);
+  rotary base and dimension, linear rope scaling; expert counts for a mixture of experts), and
+  Llama 3.1's RoPE scaling as the `rope_freqs` tensor of per-pair frequency divisors;
 - tensors in llama.cpp's names (`token_embd`, `blk.N.attn_q`, ..., `ffn_gate_exps` with the experts
   stacked) and in Meta's adjacent rotary pairing, which llama.cpp's `llama` architecture rotates
   (our `rope_pairing="half"` models have W_q and W_k permuted back, `convert.change_pairing`);
 - f32, f16 (norms stay f32, as llama.cpp's converter keeps them) or Q8_0 (blocks of 32 int8 with
   an f16 scale, by `gguf.quants`; rows not a multiple of 32 stay f16);
 - the tokenizer: our byte-level BPE as llama.cpp's `gpt2` model (tokens and merges in GPT-2's
-  printable byte alphabet, pre-tokenizer `llama-bpe` for our GPT-4 split pattern or `gpt-2`), a
+  printable byte alphabet, pre-tokenizer `llama-bpe` for Llama 3's or our GPT-4 split pattern,
+  `gpt-2` for GPT-2's; Llama 3's `tokenizer.json` and tiktoken `tokenizer.model` included), a
   SentencePiece model as its `llama` model (pieces, scores, types). A character tokenizer has no
   llama.cpp counterpart and is refused, as are ALiBi and sliding-window models (llama.cpp's `llama`
   architecture has neither).
@@ -31,10 +33,11 @@ from tokenizer import bytes_to_unicode
 from transformer.training import CommandParser, run_command
 
 from .convert import change_pairing, float_state_dict, load_checkpoint
-from .model import Llama, XLlamaError
+from .model import Llama, LlamaConfig, XLlamaError, llama3_frequencies, rope_frequencies
 
 TYPES = ("f32", "f16", "q8_0")
-PRE_TOKENIZERS = {"gpt4": "llama-bpe", "gpt2": "gpt-2"}  # our split pattern -> llama.cpp's
+# Our split patterns -> llama.cpp's pre-tokenizers (`llama-bpe` is Llama 3's pattern).
+PRE_TOKENIZERS = {"gpt4": "llama-bpe", "llama3": "llama-bpe", "gpt2": "gpt-2"}
 
 # Our tensor names -> llama.cpp's (per block: "blk.N." + ...).
 LAYER_NAMES = {
@@ -84,6 +87,14 @@ def gguf_tensors(model: Llama) -> dict[str, torch.Tensor]:
                            for e in range(c.n_experts)]  # fmt: skip
                 tensors[f"blk.{i}.{theirs}"] = torch.stack(stacked)
     return tensors
+
+
+def llama3_rope_factors(c: LlamaConfig) -> np.ndarray:
+    """Llama 3.1's RoPE scaling as llama.cpp reads it (`rope_freqs`): θ_i / θ_i scaled, per pair."""
+    theta = rope_frequencies(c.head_dim, c.rope_theta)
+    scaled = llama3_frequencies(theta, c.rope_scaling, c.rope_low_freq_factor,
+                                c.rope_high_freq_factor, c.rope_original_max_seq_len)  # fmt: skip
+    return (theta / scaled).numpy().astype(np.float32)
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -148,13 +159,14 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_bos_token_id(tokenizer.bos_id)
     if tokenizer.eos_id is not None:
         writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_add_bos_token(kind == "sentencepiece")  # Llama 2's convention; ours adds none
+    writer.add_add_bos_token(tokenizer.bos_id is not None)  # Llama 2 and 3 begin with BOS; ours not
 
 
 def _pattern(name: str) -> str:
     from tokenizer.pretokenize import PATTERNS
+    from tokenizer.tiktoken_interop import LLAMA3_PATTERN
 
-    return PATTERNS[name]
+    return LLAMA3_PATTERN if name == "llama3" else PATTERNS[name]
 
 
 def export_gguf(model: Llama, tokenizer, path: Path, dtype: str = "f32") -> Path:
@@ -170,8 +182,6 @@ def export_gguf(model: Llama, tokenizer, path: Path, dtype: str = "f32") -> Path
         raise XLlamaError("llama.cpp's llama architecture has rotary positions only, not ALiBi")
     if c.sliding_window is not None:
         raise XLlamaError("llama.cpp's llama architecture has no sliding window")
-    if c.rope_scaling_type != "linear":  # llama.cpp reads it as a rope_freqs tensor: not written
-        raise XLlamaError("GGUF export of Llama 3's rope scaling is not supported (linear only)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -187,7 +197,9 @@ def export_gguf(model: Llama, tokenizer, path: Path, dtype: str = "f32") -> Path
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
-    if c.rope_scaling != 1.0:
+    if c.rope_scaling_type == "llama3":  # as a tensor of per-pair divisors of the frequency
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(c))
+    elif c.rope_scaling != 1.0:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(c.rope_scaling)
     if c.n_experts is not None:

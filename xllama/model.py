@@ -352,7 +352,7 @@ def rope_tables(
     positions reads L · scaling of them. `scaling_type="llama3"` scales the frequencies instead
     (`llama3_frequencies`, with `llama3` = its low and high frequency factors and original length).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = rope_frequencies(head_dim, theta)
     positions = torch.arange(max_len, dtype=torch.float64)
     if scaling_type == "llama3":
         inv_freq = llama3_frequencies(inv_freq, scaling, *llama3)
@@ -360,6 +360,11 @@ def rope_tables(
         positions = positions / scaling
     angles = torch.outer(positions, inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Tensor:
+    """θ_i = theta^(-2i/d) for the head_dim / 2 pairs of a head (RoFormer Eq. 15), float64."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
 
 def llama3_frequencies(
