@@ -19,6 +19,7 @@ from tokenizer import BPETokenizer, embedded_corpus
 from tokenizer.tiktoken_interop import LLAMA3_SPECIAL_TOKENS
 from xllama.convert import load_checkpoint
 from xllama.generate import main as generate_main
+from xllama.model import XLlamaError
 from xllama.tokenization import HuggingFaceBPE, Tiktoken, keep_tokenizer, load_tokenizer
 from xllama.train import main as train_main
 
@@ -85,7 +86,7 @@ def test_tokenizer_roles_come_from_its_config_and_survive_a_copy(llama3, tmp_pat
     # As Hugging Face does, a chat prompt's special tokens are their ids, not text.
     assert tokenizer.encode("<|eot_id|>a") == [BOS + 9, *tokenizer.encode("a")]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
-    with pytest.raises(Exception, match="the bos token '<s>' is not an added token"):
+    with pytest.raises(XLlamaError, match="the bos token '<s>' is not an added token"):
         HuggingFaceBPE(tmp_path / "tokenizer.json")
 
 
