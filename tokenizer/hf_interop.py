@@ -66,17 +66,20 @@ def from_tokenizer_json(cls, path: str | Path):
         raise TokenizerFileError(
             f"{where}: a normalizer is not supported (byte-level BPE has none)"
         )
-    pattern = _pre_tokenizer_pattern(data.get("pre_tokenizer"), where)
-    letter_byte = {c: b for b, c in bytes_to_unicode().items()}
     try:
+        pattern = _pre_tokenizer_pattern(data.get("pre_tokenizer"), where)
+        letter_byte = {c: b for b, c in bytes_to_unicode().items()}
         ranks = {
             bytes(letter_byte[c] for c in token): int(i) for token, i in model["vocab"].items()
         }
         merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
         merged = [ranks[bytes(letter_byte[c] for c in "".join(pair))] for pair in merges]
-    except (KeyError, TypeError, ValueError) as err:
+        specials = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+    except TokenizerFileError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise TokenizerFileError(
-            f"{where}: vocabulary or merges not byte-level BPE ({err})"
+            f"{where}: vocabulary, merges or added tokens not byte-level BPE ({err!r})"
         ) from None
     out_of_order = next((i for i in range(1, len(merged)) if merged[i] < merged[i - 1]), None)
     if out_of_order is not None:
@@ -85,7 +88,6 @@ def from_tokenizer_json(cls, path: str | Path):
             "only vocabularies whose ids are merge ranks (GPT-2's, tiktoken conversions) are "
             "supported"
         )
-    specials = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
     special_ids = set(specials.values())
     ranks = {token: i for token, i in ranks.items() if i not in special_ids}
     return cls._from_ranks(ranks, pattern, specials, merges=None)

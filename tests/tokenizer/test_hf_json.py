@@ -113,6 +113,8 @@ def test_gpt2_end_of_text_in_the_vocabulary_becomes_special(trained, tmp_path):
         (lambda d: d["model"]["merges"].reverse(), "merge 1 makes a token of lower id"),
         (lambda d: d["model"]["vocab"].pop("".join(d["model"]["merges"][0])), "not byte-level"),
         (lambda d: d["model"]["vocab"].pop("a"), "all 256 single bytes"),
+        (lambda d: d.update(pre_tokenizer=[1]), "not byte-level BPE"),
+        (lambda d: d.update(added_tokens=[5]), "not byte-level BPE"),
     ],
 )
 def test_files_it_cannot_read_exactly_are_one_clear_error(trained, tmp_path, change, message):
