@@ -163,7 +163,8 @@ def _roles_beside(path: Path) -> tuple[str | None, str | None]:
     roles = []
     for key in ("bos_token", "eos_token"):
         token = config.get(key) if isinstance(config, dict) else None
-        roles.append(token.get("content") if isinstance(token, dict) else token)
+        token = token.get("content") if isinstance(token, dict) else token
+        roles.append(token if isinstance(token, str) else None)  # null or malformed: no role
     return roles[0], roles[1]
 
 
