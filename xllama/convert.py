@@ -402,16 +402,17 @@ def _meta_shard_dim(name: str):
 
 def config_from_meta(params: dict, vocab_size: int, max_seq_len: int = 4096) -> LlamaConfig:
     """Our config from Meta's `params.json` (Llama 2; Llama 3.x with `use_scaled_rope`)."""
-    rope = {}
-    if params.get("use_scaled_rope"):  # Llama 3.1 and 3.2: `llama3_frequencies`
-        if params.get("rope_scaling_factor") is None:
-            raise XLlamaError(
-                "params.json sets use_scaled_rope but no rope_scaling_factor: Meta's code takes the "
-                "factor from the release (8 for Llama 3.1, 32 for Llama 3.2 1B and 3B); add "
-                '"rope_scaling_factor" to params.json'
-            )
-        rope = {"rope_scaling": float(params["rope_scaling_factor"]), "rope_scaling_type": "llama3"}
     try:
+        rope = {}
+        if params.get("use_scaled_rope"):  # Llama 3.1 and 3.2: `llama3_frequencies`
+            if params.get("rope_scaling_factor") is None:
+                raise XLlamaError(
+                    "params.json sets use_scaled_rope but no rope_scaling_factor: Meta's code "
+                    "takes the factor from the release (8 for Llama 3.1, 32 for Llama 3.2 1B and "
+                    '3B); add "rope_scaling_factor" to params.json'
+                )
+            factor = float(params["rope_scaling_factor"])
+            rope = {"rope_scaling": factor, "rope_scaling_type": "llama3"}
         return LlamaConfig(
             dim=int(params["dim"]),
             n_layers=int(params["n_layers"]),
@@ -428,6 +429,10 @@ def config_from_meta(params: dict, vocab_size: int, max_seq_len: int = 4096) -> 
         )
     except KeyError as exc:
         raise XLlamaError(f"params.json lacks {exc.args[0]!r}") from None
+    except XLlamaError:
+        raise
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind: "dim": "x"
+        raise XLlamaError(f"params.json: {exc}") from None
 
 
 def read_meta_shards(directory: Path) -> dict[str, Tensor]:

@@ -213,6 +213,12 @@ def test_meta_llama3_scaled_rope_matches_hf_and_needs_its_factor(tmp_path):
         load_meta(tmp_path / "no-factor")
 
 
+def test_meta_params_of_the_wrong_kind_are_one_clear_error(tmp_path):
+    write_meta_checkpoint(hf_model(2), tmp_path / "meta", shards=1, dim="thirty-two")
+    with pytest.raises(XLlamaError, match="params.json: invalid literal for int"):
+        load_meta(tmp_path / "meta")
+
+
 def test_hf_checkpoint_with_missing_tensor_names_it(tmp_path):
     from safetensors.torch import load_file, save_file
 
