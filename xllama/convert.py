@@ -179,6 +179,10 @@ def config_from_hf(hf: dict, rope_pairing: str = "half") -> LlamaConfig:
         )
     except KeyError as exc:
         raise XLlamaError(f"config.json lacks {exc.args[0]!r}") from None
+    except XLlamaError:
+        raise
+    except (AttributeError, TypeError, ValueError) as exc:  # "hidden_size": "x", a list for a dict
+        raise XLlamaError(f"config.json: {exc}") from None
 
 
 def _rope_scaling_from_hf(rope: dict, kind: str) -> dict:

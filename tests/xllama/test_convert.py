@@ -219,6 +219,15 @@ def test_meta_params_of_the_wrong_kind_are_one_clear_error(tmp_path):
         load_meta(tmp_path / "meta")
 
 
+@pytest.mark.parametrize("key, value", [("hidden_size", "x"), ("rope_scaling", [1])])
+def test_hf_config_values_of_the_wrong_kind_are_one_clear_error(tmp_path, key, value):
+    hf_model(2).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {key: value}))
+    with pytest.raises(XLlamaError, match="config.json: "):
+        load_hf(tmp_path)
+
+
 def test_hf_checkpoint_with_missing_tensor_names_it(tmp_path):
     from safetensors.torch import load_file, save_file
 
