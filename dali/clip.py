@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformer.attention import MultiHeadAttention
 from transformer.training import CheckpointError
 from transformer.training.checkpoint import (
+    build_from_config,
     load_state_exactly,
     read_json_object,
     read_safetensors,
@@ -128,7 +129,7 @@ def load_clip_text(directory: str | Path) -> CLIPTextEncoder:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no config.json: not a CLIP text encoder directory")
-    config = CLIPTextConfig.from_hf(read_json_object(config_path))
-    model = CLIPTextEncoder(config)
+    config = read_json_object(config_path)
+    model = build_from_config(config_path, lambda: CLIPTextEncoder(CLIPTextConfig.from_hf(config)))
     load_state_exactly(model, from_hf_state_dict(read_safetensors(directory)), directory)
     return model.eval()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from transformer.training import CheckpointError, steps_bar
 from transformer.training.checkpoint import (
+    build_from_config,
     load_state_exactly,
     read_json_object,
     read_safetensors,
@@ -87,17 +88,20 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
         kinds = set(config.get(key, []))
         if kinds - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
             raise CheckpointError(f"{folder}: {key} {sorted(kinds)} is not Stable Diffusion's VAE")
-    return load_weights(AutoencoderKL(VAEConfig.from_hf(config)), folder)
+    model = build_from_config(
+        folder / "config.json", lambda: AutoencoderKL(VAEConfig.from_hf(config))
+    )
+    return load_weights(model, folder)
 
 
 def load_unet(folder: str | Path) -> LatentUNet:
     """A diffusers `UNet2DConditionModel` folder of Stable Diffusion v1's kind (a pipeline's `unet/`)."""
     folder = Path(folder)
-    try:
-        config = LatentUNetConfig.from_hf(read_config(folder))
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: {exc}") from None
-    return load_weights(LatentUNet(config), folder)
+    config = read_config(folder)
+    model = build_from_config(
+        folder / "config.json", lambda: LatentUNet(LatentUNetConfig.from_hf(config))
+    )
+    return load_weights(model, folder)
 
 
 # -- the pipeline ---------------------------------------------------------------------------------

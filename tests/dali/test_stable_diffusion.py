@@ -198,6 +198,16 @@ def test_a_bad_pipeline_directory_is_one_clear_error(pipeline_dir, tmp_path):
         shutil.copy(weights, broken / "text_encoder" / weights.name)
     with pytest.raises(CheckpointError, match=r"text_encoder does not fit the model: missing \['"):
         load_stable_diffusion(broken)
+    # A config value of the wrong kind, in each model's config.json: the file, in one line.
+    wrong = [("text_encoder", "hidden_size", "x"), ("vae", "block_out_channels", "x"),
+             ("unet", "block_out_channels", 5)]  # fmt: skip
+    for component, key, value in wrong:
+        shutil.rmtree(broken)
+        shutil.copytree(directory, broken)
+        config = json.loads((broken / component / "config.json").read_text())
+        (broken / component / "config.json").write_text(json.dumps(config | {key: value}))
+        with pytest.raises(CheckpointError, match=f"{component}/config.json: a value of the wrong"):
+            load_stable_diffusion(broken)
 
 
 def test_txt2img_command_and_its_bad_input(pipeline_dir, tmp_path, capsys):

@@ -155,6 +155,18 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
+def build_from_config(path: Path, build):
+    """`build()`, a model made from the foreign config file at `path` (a Hugging Face or diffusers
+    `config.json`): a value of the wrong kind there ("hidden_size": "x", a number for a list) is
+    one CheckpointError naming the file instead of whatever the constructors raise."""
+    try:
+        return build()
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: a value of the wrong kind ({one_line(exc)})") from None
+
+
 def config_differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
     """Human-readable list of fields whose values differ between two (nested) config dicts."""
     out = []
