@@ -97,11 +97,13 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
 def load_unet(folder: str | Path) -> LatentUNet:
     """A diffusers `UNet2DConditionModel` folder of Stable Diffusion v1's kind (a pipeline's `unet/`)."""
     folder = Path(folder)
-    config = read_config(folder)
-    model = build_from_config(
-        folder / "config.json", lambda: LatentUNet(LatentUNetConfig.from_hf(config))
+    try:  # from_hf refuses other U-Nets (SD 2, SDXL) with a ValueError saying why
+        config = LatentUNetConfig.from_hf(read_config(folder))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+    return load_weights(
+        build_from_config(folder / "config.json", lambda: LatentUNet(config)), folder
     )
-    return load_weights(model, folder)
 
 
 # -- the pipeline ---------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_a_bad_pipeline_directory_is_one_clear_error(pipeline_dir, tmp_path):
         load_stable_diffusion(broken)
     # A config value of the wrong kind, in each model's config.json: the file, in one line.
     wrong = [("text_encoder", "hidden_size", "x"), ("vae", "block_out_channels", "x"),
-             ("unet", "block_out_channels", 5)]  # fmt: skip
+             ("unet", "cross_attention_dim", "x")]  # fmt: skip
     for component, key, value in wrong:
         shutil.rmtree(broken)
         shutil.copytree(directory, broken)
