@@ -246,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print("training measured", file=sys.stderr)
 
     # Encoding, round-robin too -------------------------------------------------------------
-    encode_rate: dict[tuple[str, str], float] = {}
-    encode_same: dict[str, bool] = {}
+    encoding: dict[str, tuple[list[float], bool]] = {}
     if args.ranks.is_file():
         ours = BPETokenizer.from_tiktoken("cl100k_base", ranks_file=args.ranks)
         reference = ours.to_tiktoken("cl100k")
@@ -273,17 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         expected = {name: reference.encode_ordinary(text) for name, text in corpora.items()}
-        for repeat in range(args.repeats):
-            for encoder_name, encode in encoders.items():
-                if encoder_name.startswith("minbpe") and repeat > 0:
-                    continue  # one run is plenty at this speed
-                for corpus_name, text in corpora.items():
-                    seconds, ids = best_time(lambda f=encode, t=text: f(t), 1)
-                    rate = len(text.encode("utf-8")) / seconds / 1e6
-                    key = (encoder_name, corpus_name)
-                    encode_rate[key] = max(encode_rate.get(key, 0.0), rate)
-                    same = list(ids) == expected[corpus_name]
-                    encode_same[encoder_name] = encode_same.get(encoder_name, True) and same
+        once = {"minbpe-style (pure Python)"}  # one run is plenty at its speed
+        encoding = encoding_rates(encoders, corpora, expected, args.repeats, once)
         print("encoding measured", file=sys.stderr)
         llama3 = llama3_encoding(args.ranks, corpora, args.repeats)
     else:
@@ -322,31 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             f"| {corpus_name}, {size / 1e3:.0f} KB | {ours_s:.2f} s | {hf_s:.2f} s | {sp_s:.2f} s "
             f"| {naive_s:.0f} s{note} | {naive_s / ours_s:.0f}x | {ours_s / hf_s:.2f}x |"
         )
-    if encode_rate:
+    if encoding:
         print(
             f"\n## Encoding: cl100k_base ranks, one thread, cold cache, MB/s, best of "
             f"{args.repeats}\n"
         )
-        names = list(corpora)
-        print("| encoder | " + " | ".join(names) + " | ours / it | ids = tiktoken's |")
-        print("|---" * (len(names) + 3) + "|")
-        for encoder_name in encoders:
-            rates = [encode_rate[(encoder_name, name)] for name in names]
-            ours_rates = [encode_rate[("ours (pure Python)", name)] for name in names]
-            ratio = ", ".join(f"{o / r:.2f}" for o, r in zip(ours_rates, rates))
-            print(
-                f"| {encoder_name} | "
-                + " | ".join(f"{r:.1f}" for r in rates)
-                + f" | {ratio} | {'yes' if encode_same[encoder_name] else 'NO'} |"
-            )
+        print_encoding_table(encoding, list(corpora), "ids = tiktoken's")
         print(f"\n## Encoding Llama 3's form (tokenizer.json), MB/s, best of {args.repeats}\n")
-        print("| encoder | " + " | ".join(names) + " | ours / it | ids = HF's |")
-        print("|---" * (len(names) + 3) + "|")
-        for encoder_name, (rates, same) in llama3.items():
-            ours_rates = llama3["ours (pure Python)"][0]
-            ratio = ", ".join(f"{o / r:.2f}" for o, r in zip(ours_rates, rates))
-            print(f"| {encoder_name} | " + " | ".join(f"{r:.1f}" for r in rates)
-                  + f" | {ratio} | {'yes' if same else 'NO'} |")  # fmt: skip
+        print_encoding_table(llama3, list(corpora), "ids = HF's")
     return 0
 
 
@@ -369,16 +342,37 @@ def llama3_encoding(ranks_file: Path, corpora: dict[str, str], repeats: int) -> 
     encoders = {"ours (pure Python)": ours_cold,
                 "HF tokenizers (Rust)": lambda t: hf.encode(t, add_special_tokens=False).ids}  # fmt: skip
     expected = {name: encoders["HF tokenizers (Rust)"](text) for name, text in corpora.items()}
+    return encoding_rates(encoders, corpora, expected, repeats)
+
+
+def encoding_rates(encoders: dict, corpora: dict[str, str], expected: dict, repeats: int,
+                   once=frozenset()) -> dict[str, tuple[list[float], bool]]:  # fmt: skip
+    """{encoder: (best MB/s per corpus, whether every run's ids equal `expected`)}: one run at a
+    time, encoders interleaved round by round so load on the machine hits all alike (those in
+    `once` run in the first round only)."""
     rates = {(e, c): 0.0 for e in encoders for c in corpora}
     same = dict.fromkeys(encoders, True)
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for encoder_name, encode in encoders.items():
+            if encoder_name in once and repeat > 0:
+                continue
             for corpus_name, text in corpora.items():
                 seconds, ids = best_time(lambda f=encode, t=text: f(t), 1)
                 rate = len(text.encode("utf-8")) / seconds / 1e6
                 rates[encoder_name, corpus_name] = max(rates[encoder_name, corpus_name], rate)
                 same[encoder_name] &= list(ids) == expected[corpus_name]
     return {e: ([rates[e, c] for c in corpora], same[e]) for e in encoders}
+
+
+def print_encoding_table(results: dict, names: list[str], ids_header: str) -> None:
+    """A Markdown table of `encoding_rates` results, with ours / each encoder per corpus."""
+    print("| encoder | " + " | ".join(names) + f" | ours / it | {ids_header} |")
+    print("|---" * (len(names) + 3) + "|")
+    ours_rates = results["ours (pure Python)"][0]
+    for encoder_name, (rates, same) in results.items():
+        ratio = ", ".join(f"{o / r:.2f}" for o, r in zip(ours_rates, rates))
+        print(f"| {encoder_name} | " + " | ".join(f"{r:.1f}" for r in rates)
+              + f" | {ratio} | {'yes' if same else 'NO'} |")  # fmt: skip
 
 
 if __name__ == "__main__":

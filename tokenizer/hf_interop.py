@@ -24,7 +24,7 @@ from tokenizer.fileformat import bytes_to_unicode
 
 def _pre_tokenizer_pattern(pre: dict | None, where: str) -> str:
     """The split pattern of a byte-level pre-tokenizer (`gpt2` for ByteLevel's own regex)."""
-    steps = (pre or {}).get("pretokenizers", [pre]) if pre else []
+    steps = pre.get("pretokenizers", [pre]) if pre else []
     pattern, byte_level = None, None
     for step in steps:
         kind = step.get("type")

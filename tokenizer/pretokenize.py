@@ -56,6 +56,12 @@ O200K_PATTERN = "|".join(
     ]
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "o200k": O200K_PATTERN}
+# Llama 3's pattern (Meta's tokenizer.py; its Hugging Face tokenizer.json's Split regex). Not a
+# built-in name: it runs on `regex`, whose Unicode tables agree with Hugging Face's tokenizers.
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 # The same patterns for the standard library's `re`, with the Unicode classes as placeholders.
 # Possessive quantifiers became greedy ones: in these patterns nothing after them can fail in a

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizer.errors import TokenizerError, TokenizerFileError
+from tokenizer.pretokenize import LLAMA3_PATTERN
 
 # Special tokens and split patterns of the tiktoken encodings `from_tiktoken` knows by name.
 TIKTOKEN_ENCODINGS = {
@@ -24,12 +25,9 @@ TIKTOKEN_ENCODINGS = {
 }
 
 # Meta's Llama 3 `tokenizer.model` is a tiktoken rank file too (128,000 ranks), with its own split
-# pattern and 256 special tokens numbered after the ranks, named as in Llama 3.1 (3.0 left some of
-# them reserved: the beginning, end, header and end-of-turn tokens have the same ids in both).
-LLAMA3_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+# pattern (`pretokenize.LLAMA3_PATTERN`) and 256 special tokens numbered after the ranks, named as
+# in Llama 3.1 (3.0 left some of them reserved: the beginning, end, header and end-of-turn tokens
+# have the same ids in both).
 _LLAMA3_NAMED = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
                  "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",

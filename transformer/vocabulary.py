@@ -31,6 +31,7 @@ from .training import UserError
 
 EOS = "<|endoftext|>"  # end of text, GPT-2's spelling: xllama and instructgpt
 PAD, BOS, END = "<pad>", "<s>", "</s>"  # the translation model's specials
+LLAMA3_BOS, LLAMA3_EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's (xllama)
 TRANSLATION_SPECIALS = (PAD, BOS, END)
 
 
@@ -41,8 +42,8 @@ class VocabularyError(UserError, ValueError):
 class BPE:
     """Our byte-level BPE with its special tokens, as a model's vocabulary.
 
-    The roles of the special tokens come from their strings: `<pad>` pads, `<s>` begins a
-    sequence, `</s>` or `<|endoftext|>` ends one.
+    The roles of the special tokens come from their strings: `<pad>` pads, `<s>` (Llama 3:
+    `<|begin_of_text|>`) begins a sequence, `</s>`, `<|endoftext|>` or `<|end_of_text|>` ends one.
     """
 
     kind = "bpe"
@@ -53,8 +54,8 @@ class BPE:
         specials = getattr(bpe, "special_tokens", None) or {}
         self.special_ids = frozenset(specials.values())
         self.pad_id = specials.get(PAD)
-        self.bos_id = specials.get(BOS)
-        self.eos_id = specials.get(END, specials.get(EOS))
+        self.bos_id = specials.get(BOS, specials.get(LLAMA3_BOS))
+        self.eos_id = specials.get(END, specials.get(EOS, specials.get(LLAMA3_EOS)))
 
     @property
     def file(self) -> str | None:

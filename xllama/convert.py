@@ -179,8 +179,6 @@ def config_from_hf(hf: dict, rope_pairing: str = "half") -> LlamaConfig:
         )
     except KeyError as exc:
         raise XLlamaError(f"config.json lacks {exc.args[0]!r}") from None
-    except XLlamaError:
-        raise
     except (AttributeError, TypeError, ValueError) as exc:  # "hidden_size": "x", a list for a dict
         raise XLlamaError(f"config.json: {exc}") from None
 
@@ -433,8 +431,6 @@ def config_from_meta(params: dict, vocab_size: int, max_seq_len: int = 4096) -> 
         )
     except KeyError as exc:
         raise XLlamaError(f"params.json lacks {exc.args[0]!r}") from None
-    except XLlamaError:
-        raise
     except (TypeError, ValueError) as exc:  # a value of the wrong kind: "dim": "x"
         raise XLlamaError(f"params.json: {exc}") from None
 

@@ -30,14 +30,16 @@ import numpy as np
 import torch
 
 from tokenizer import bytes_to_unicode
+from tokenizer.pretokenize import GPT2_PATTERN, GPT4_PATTERN, LLAMA3_PATTERN
 from transformer.training import CommandParser, run_command
 
 from .convert import change_pairing, float_state_dict, load_checkpoint
 from .model import Llama, LlamaConfig, XLlamaError, llama3_frequencies, rope_frequencies
 
 TYPES = ("f32", "f16", "q8_0")
-# Our split patterns -> llama.cpp's pre-tokenizers (`llama-bpe` is Llama 3's pattern).
-PRE_TOKENIZERS = {"gpt4": "llama-bpe", "llama3": "llama-bpe", "gpt2": "gpt-2"}
+# Our split patterns, by name -> (pattern, llama.cpp's pre-tokenizer; `llama-bpe` is Llama 3's).
+PRE_TOKENIZERS = {"gpt4": (GPT4_PATTERN, "llama-bpe"), "llama3": (LLAMA3_PATTERN, "llama-bpe"),
+                  "gpt2": (GPT2_PATTERN, "gpt-2")}  # fmt: skip
 
 # Our tensor names -> llama.cpp's (per block: "blk.N." + ...).
 LAYER_NAMES = {
@@ -122,8 +124,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_unk_token_id(sp.unk_id())
     elif hasattr(tokenizer, "bpe"):  # our byte-level BPE
         bpe = tokenizer.bpe
-        pattern = next((n for n, p in PRE_TOKENIZERS.items() if _pattern(n) == bpe.pattern), None)
-        if pattern is None:
+        pre = next((llama for p, llama in PRE_TOKENIZERS.values() if p == bpe.pattern), None)
+        if pre is None:
             raise XLlamaError(
                 "the BPE split pattern has no llama.cpp pre-tokenizer; GGUF export knows "
                 f"{', '.join(PRE_TOKENIZERS)}"
@@ -138,7 +140,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         merges = [f"{spell(bpe.token_bytes(a))} {spell(bpe.token_bytes(b))}"
                   for (a, b), _ in sorted(bpe.merges.items(), key=lambda kv: kv[1])]  # fmt: skip
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(PRE_TOKENIZERS[pattern])
+        writer.add_tokenizer_pre(pre)
         writer.add_token_merges(merges)
         scores = None
     else:
@@ -160,13 +162,6 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if tokenizer.eos_id is not None:
         writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_add_bos_token(tokenizer.bos_id is not None)  # Llama 2 and 3 begin with BOS; ours not
-
-
-def _pattern(name: str) -> str:
-    from tokenizer.pretokenize import PATTERNS
-    from tokenizer.tiktoken_interop import LLAMA3_PATTERN
-
-    return LLAMA3_PATTERN if name == "llama3" else PATTERNS[name]
 
 
 def export_gguf(model: Llama, tokenizer, path: Path, dtype: str = "f32") -> Path:

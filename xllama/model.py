@@ -155,10 +155,6 @@ class LlamaConfig:
             raise XLlamaError(f"sliding_window must be positive, not {self.sliding_window}")
         if self.rope_scaling <= 0:
             raise XLlamaError(f"rope_scaling must be positive, not {self.rope_scaling}")
-        if self.rope_scaling_type not in ("linear", "llama3"):
-            raise XLlamaError(
-                f"rope_scaling_type must be 'linear' or 'llama3', not {self.rope_scaling_type!r}"
-            )
         if self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise XLlamaError(
                 f"rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "

@@ -110,9 +110,6 @@ class Tiktoken(BPE):
         except Exception as exc:
             raise XLlamaError(f"cannot load tiktoken encoding {name_or_path}: {exc}") from None
         super().__init__(bpe)
-        if "<|begin_of_text|>" in bpe.special_tokens:  # Llama 3's
-            self.bos_id = bpe.special_tokens["<|begin_of_text|>"]
-            self.eos_id = bpe.special_tokens["<|end_of_text|>"]
         self.name = str(name_or_path)
 
     def spec(self) -> dict:

@@ -8,6 +8,7 @@ end-of-text token listed in the vocabulary too) is that file with its pre-tokeni
 """
 
 import base64
+import functools
 import json
 
 import pytest
@@ -55,6 +56,9 @@ def trained(tmp_path_factory):
             for form in ("llama3", "gpt2")}  # fmt: skip
 
 
+_loaded = functools.cache(BPETokenizer.from_tokenizer_json)  # once per file, not per example
+
+
 def _hf_ids(hf, text):
     return hf.encode(text, add_special_tokens=False).ids
 
@@ -80,7 +84,7 @@ def test_hypothesis_text_equals_tokenizers(trained, text):
     # Hugging Face matches its added tokens inside text (hypothesis tries this file's strings,
     # "<|eot_id|>" among them): ours does with allowed_special="all".
     for hf, path in trained.values():
-        ours = BPETokenizer.from_tokenizer_json(path)
+        ours = _loaded(path)
         assert ours.encode(text, allowed_special="all") == _hf_ids(hf, text)
 
 
