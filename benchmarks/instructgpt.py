@@ -62,9 +62,7 @@ def bench_rollouts(model, tokenizer, batch, new_tokens, repeats=3):
             g = torch.Generator().manual_seed(r)
             start = time.perf_counter()
             if name == "kv_cache":
-                generate(
-                    model, prompts, new_tokens, temperature=1.0, stop_at_eos=False, generator=g
-                )
+                generate(model, prompts, new_tokens, temperature=1.0, generator=g)
             else:
                 generate_without_cache(model, prompts, new_tokens, tokenizer.eos_id, g)
             best = min(best, time.perf_counter() - start)

@@ -112,8 +112,7 @@ def sample_responses(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            stop_at_eos=True,
-            eos_id=eos_id,
+            stop_ids=(eos_id,),
             generator=generator,
         )
     return out

@@ -151,6 +151,8 @@ FLAGS = [
     (xl_generate, ["--checkpoint", "x", "--max-new-tokens", "-1"], "--max-new-tokens: must be at"),
     (xl_generate, ["--checkpoint", "x", "--top-p", "0"], "--top-p: must be a finite number in (0"),
     (xl_generate, ["--checkpoint", "x", "--top-k", "0"], "--top-k: must be at least 1"),
+    (xl_generate, ["--checkpoint", "x", "--system", "Hi"], "--system is the opening message of"),
+    (xl_generate, ["--checkpoint", "x", "--chat", "llama4"], "--chat: invalid choice: 'llama4'"),
     (xl_merge, ["--checkpoint", "x", "--out", "y", "--format", "gguf"], "invalid choice: 'gguf'"),
     (xl_train, ["--lora-rank", "4", *OUT], "--lora-rank fine-tunes a trained model"),
     (xl_train, ["--lora-alpha", "nan", *OUT], "LoRAConfig.lora_alpha must be a finite"),

@@ -1,8 +1,10 @@
 """Generate text: `python -m xllama.generate --checkpoint DIR --prompt "..."`.
 
 DIR is a run directory or checkpoint of `xllama.train`, a Hugging Face Llama directory
-(`config.json` + `*.safetensors`) or a Meta Llama 2 directory (`params.json` +
+(`config.json` + `*.safetensors`) or a Meta Llama directory (`params.json` +
 `consolidated.*.pth`). Tokens stream to the terminal as they are decoded; tokens/s goes to stderr.
+With `--chat`, a Llama 2-Chat or Llama 3 Instruct model answers in its dialog format
+(`xllama.chat`): one message (`--prompt`) or a conversation read from standard input.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from transformer.training import (
 )
 
 from .adapters import load_any_adapter
+from .chat import FORMATS, chat_format, dialog_prompt, stop_ids
 from .convert import load_checkpoint
 from .model import XLlamaError
 from .quantize import KINDS, quantize_for_decoding
@@ -42,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
-    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help="text to continue (default: a newline); with --chat, the one user message (default: "
+        "a conversation, one user message per line of standard input)",
+    )
     parser.add_argument(
         "--max-new-tokens",
         type=non_negative_int,
@@ -68,7 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="nucleus sampling: the smallest set of tokens with mass p (default: off)",
     )
     parser.add_argument(
-        "--no-stop-at-eos", action="store_true", help="keep going after the end-of-text token"
+        "--no-stop-at-eos",
+        action="store_true",
+        help="keep going after the end-of-text token (and a chat model's end of turn)",
+    )
+    parser.add_argument(
+        "--chat",
+        nargs="?",
+        const="auto",
+        choices=["auto", *FORMATS],
+        help="answer as a chat model, in Llama 2-Chat's or Llama 3 Instruct's dialog format; "
+        "bare --chat picks the tokenizer's (default: off, plain text continuation)",
+    )
+    parser.add_argument(
+        "--system",
+        default=None,
+        help="with --chat: the system message that opens the dialog (default: none)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -155,7 +178,10 @@ def main(argv=None) -> int:
         raise XLlamaError("--max-new-tokens must be >= 0")
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
+    if args.system is not None and args.chat is None:
+        raise XLlamaError("--system is the opening message of a chat; add --chat")
     model, tokenizer, _ = load_checkpoint(args.checkpoint, args.tokenizer)
+    chat = None if args.chat is None else chat_format(tokenizer, args.chat)
     if args.adapter is not None:
         load_any_adapter(model, args.adapter)
         remove_lora(model)  # merged: decoding runs plain linear layers
@@ -175,51 +201,94 @@ def main(argv=None) -> int:
         quantize_for_decoding(model, args.quantize, args.group_size)
     model = model.to(device=device, dtype=dtype).eval()
     model.reset_rope_tables()  # keep the rotary tables in float32
-    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
-        args.prompt
-    )
-    if not ids:
-        raise XLlamaError("the prompt is empty and the tokenizer has no BOS token")
     context = model.config.max_seq_len
-    if len(ids) > context:
-        raise XLlamaError(f"prompt of {len(ids)} tokens is longer than the context ({context})")
-    n_new = min(args.max_new_tokens, context - len(ids))
-    if n_new < args.max_new_tokens:
-        print(f"(generating {n_new} tokens: the context is {context})", file=sys.stderr)
-    torch.manual_seed(args.seed)
-    stream = None if args.no_stream else Streamer(tokenizer)
-    if stream is not None:
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-    start = time.perf_counter()
+    stops = set() if args.no_stop_at_eos else stop_ids(tokenizer, args.checkpoint)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    stop_at_eos=not args.no_stop_at_eos, eos_id=tokenizer.eos_id, on_token=stream)  # fmt: skip
-    if draft is None:
-        new = generate(model, [ids], n_new, compile=args.compile, **sampling)[0]
-    else:
-        new, stats = speculative_generate(model, draft, ids, n_new, k=args.speculate, **sampling)
-    elapsed = time.perf_counter() - start
-    if stream is None:
-        sys.stdout.write(args.prompt + tokenizer.decode(new))
-    else:
-        sys.stdout.write(tokenizer.decode(new)[stream.printed :])
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    print(
-        f"{len(new)} tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s "
-        f"(prompt {len(ids)} tokens, {weight_bytes(model) / 1e6:.1f} MB of weights, {device})",
-        file=sys.stderr,
-    )
-    if draft is not None:
+                    stop_ids=stops)  # fmt: skip
+
+    def complete(ids: list[int]) -> str:
+        """The text of up to --max-new-tokens tokens after `ids`, printed (streamed unless
+        --no-stream) on stdout; the speed goes to stderr."""
+        n_new = min(args.max_new_tokens, context - len(ids))
+        if n_new < args.max_new_tokens:
+            print(f"(generating {n_new} tokens: the context is {context})", file=sys.stderr)
+        stream = None if args.no_stream else Streamer(tokenizer)
+        start = time.perf_counter()
+        if draft is None:
+            new = generate(model, [ids], n_new, compile=args.compile, on_token=stream, **sampling)
+            new = new[0]
+        else:
+            new, stats = speculative_generate(model, draft, ids, n_new, k=args.speculate,
+                                              on_token=stream, **sampling)  # fmt: skip
+        elapsed = time.perf_counter() - start
+        text = tokenizer.decode(new)
+        sys.stdout.write(text[0 if stream is None else stream.printed :] + "\n")
+        sys.stdout.flush()
         print(
-            f"speculative: {stats.rounds} target passes, {stats.accepted}/{stats.drafted} drafted "
-            f"tokens accepted ({stats.acceptance_rate:.0%}), k={args.speculate}",
+            f"{len(new)} tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s "
+            f"(prompt {len(ids)} tokens, {weight_bytes(model) / 1e6:.1f} MB of weights, {device})",
             file=sys.stderr,
         )
+        if draft is not None:
+            print(
+                f"speculative: {stats.rounds} target passes, {stats.accepted}/{stats.drafted} "
+                f"drafted tokens accepted ({stats.acceptance_rate:.0%}), k={args.speculate}",
+                file=sys.stderr,
+            )
+        return text
+
+    torch.manual_seed(args.seed)
+    if chat is None:
+        prompt = "\n" if args.prompt is None else args.prompt
+        ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
+            prompt
+        )
+        if not ids:
+            raise XLlamaError("the prompt is empty and the tokenizer has no BOS token")
+        if len(ids) > context:
+            raise XLlamaError(f"prompt of {len(ids)} tokens is longer than the context ({context})")
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        sample = prompt + complete(ids)
+    else:
+        dialog = [] if args.system is None else [{"role": "system", "content": args.system}]
+        for message in [args.prompt] if args.prompt is not None else user_messages():
+            dialog.append({"role": "user", "content": message})
+            answer = complete(fit_context(dialog, tokenizer, chat, context))
+            dialog.append({"role": "assistant", "content": answer.strip()})
+        sample = "".join(f"{m['role']}: {m['content']}\n\n" for m in dialog)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sample.txt").write_text(args.prompt + tokenizer.decode(new) + "\n")
+        (args.out / "sample.txt").write_text(sample.rstrip("\n") + "\n")
     return 0
+
+
+def user_messages():
+    """The lines of standard input that hold text, prompting with "> " on a terminal."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def fit_context(dialog: list[dict], tokenizer, chat: str, context: int) -> list[int]:
+    """The dialog's prompt ids, its oldest exchanges left out (the system message kept) until the
+    prompt leaves room for an answer."""
+    ids = dialog_prompt(tokenizer, dialog, chat)
+    first = 1 if dialog[0]["role"] == "system" else 0
+    while len(ids) >= context and len(dialog) - first > 1:
+        del dialog[first : first + 2]
+        print("(the conversation outgrew the context: its oldest exchange is left out)",
+              file=sys.stderr)  # fmt: skip
+        ids = dialog_prompt(tokenizer, dialog, chat)
+    if len(ids) >= context:
+        raise XLlamaError(f"the message makes a prompt of {len(ids)} tokens; the context is "
+                          f"{context}")  # fmt: skip
+    return ids
 
 
 def cli() -> None:

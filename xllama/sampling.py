@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -113,8 +113,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    stop_at_eos: bool = True,
-    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     generator: torch.Generator | None = None,
     on_token: Callable[[Tensor], None] | None = None,
     pad_id: int = 0,
@@ -122,9 +121,9 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
-    Returns the new tokens of each row (without its prompt). With `stop_at_eos` and an `eos_id`, a
-    row stops after producing EOS (which is included in its result); generation ends when every row
-    has stopped. `on_token(next_tokens)` is called with the (batch,) tensor after every step
+    Returns the new tokens of each row (without its prompt). A row stops after producing one of
+    `stop_ids` (its EOS; a chat model's end of turn too), which ends its result; generation ends
+    when every row has stopped. `on_token(next_tokens)` is called with the (batch,) tensor after every step
     (streaming). The model is put in eval mode for the call. With `compile`, the one-token steps
     run the same forward under `torch.compile` (see `decode_step`).
     """
@@ -154,7 +153,7 @@ def generate(
         logits = logits[:, -1]
         decode = decode_step(model) if compile else model  # the same forward either way
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-        watch_eos = stop_at_eos and eos_id is not None
+        stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         steps = 0
         for step in range(max_new_tokens):
@@ -163,8 +162,8 @@ def generate(
             steps = step + 1
             if on_token is not None:
                 on_token(next_tokens)
-            if watch_eos:
-                done |= next_tokens == eos_id
+            if len(stops):
+                done |= torch.isin(next_tokens, stops)
                 if bool(done.all()):
                     break
             if steps == max_new_tokens:
@@ -172,10 +171,15 @@ def generate(
             logits = decode(next_tokens[:, None], cache=cache, last_only=True)[:, -1]
     finally:
         model.train(was_training)
-    results = out[:, :steps].tolist()
-    if watch_eos:
-        results = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in results]
-    return results
+    return [until_stop(row, stop_ids) for row in out[:, :steps].tolist()]
+
+
+def until_stop(tokens: list[int], stop_ids: Collection[int]) -> list[int]:
+    """`tokens` up to and including the first of `stop_ids`, if any."""
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: i + 1]
+    return tokens
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:

@@ -17,14 +17,14 @@ rolling cache has already overwritten what a rollback would return to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .model import Llama, XLlamaError
-from .sampling import check_sampling_args, next_token_probs
+from .sampling import check_sampling_args, next_token_probs, until_stop
 
 
 @dataclass
@@ -74,8 +74,7 @@ def speculative_generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    stop_at_eos: bool = True,
-    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     generator: torch.Generator | None = None,
     on_token: Callable[[Tensor], None] | None = None,
 ) -> tuple[list[int], SpeculationStats]:
@@ -83,7 +82,7 @@ def speculative_generate(
     (temperature, top-k, top-p applied to both models), `draft` proposing `k` tokens a round.
 
     Returns (new tokens, `SpeculationStats`). At temperature 0 the tokens are the target's greedy
-    continuation. EOS and `on_token` behave as in `generate`.
+    continuation. `stop_ids` and `on_token` behave as in `generate`.
     """
     check_sampling_args(temperature, top_k, top_p)
     if k < 1:
@@ -154,14 +153,13 @@ def speculative_generate(
             stats.rounds += 1
             stats.drafted += k_round
             stats.accepted += n
-            if stop_at_eos and eos_id is not None and eos_id in new:
-                new = new[: new.index(eos_id) + 1]
+            new = until_stop(new, stop_ids)
             seq += new
             produced += len(new)
             if on_token is not None:
                 for token in new:
                     on_token(torch.tensor([token]))
-            if stop_at_eos and eos_id is not None and new[-1] == eos_id:
+            if new[-1] in stop_ids:
                 break
             # 4. Forget what was not kept: each cache keeps seq[:-1] at most (the last token
             # starts the next round).

@@ -101,15 +101,21 @@ def test_compiled_decoding_equals_the_cache_free_greedy_loop():
         assert result == seq[len(prompt) :]
 
 
-def test_per_row_eos_stops_rows_independently():
+def test_per_row_stop_ids_stop_rows_independently():
     model = tiny()
     prompts = [[5, 9, 200], [7, 1]]
     free = generate(model, prompts, 10, temperature=0)
     eos = free[0][3]  # the 4th token of row 0 becomes the EOS
-    stopped = generate(model, prompts, 10, temperature=0, eos_id=eos)
+    stopped = generate(model, prompts, 10, temperature=0, stop_ids=[eos])
     assert stopped[0] == free[0][: free[0].index(eos) + 1]
     row1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
     assert stopped[1] == row1
+    # Two stop ids (EOS and a chat model's end of turn): each row ends at the first it produces.
+    stops = {free[0][3], free[1][1]}
+    stopped = generate(model, prompts, 10, temperature=0, stop_ids=stops)
+    for row, result in zip(free, stopped):
+        first = min(i for i, token in enumerate(row) if token in stops)
+        assert result == row[: first + 1]
 
 
 @pytest.mark.parametrize("position", POSITIONS)

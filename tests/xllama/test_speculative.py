@@ -43,7 +43,7 @@ def test_eos_stops_and_bad_pairs_are_refused():
     target, draft = model(0), model(1, dim=16, layers=1)
     free, _ = speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0)
     eos = free[5]
-    stopped, _ = speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0, eos_id=eos)
+    stopped, _ = speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0, stop_ids={eos})
     assert stopped == free[: free.index(eos) + 1]
     with pytest.raises(XLlamaError, match="vocabulary"):
         speculative_generate(target, model(2, vocab=65), [1], 4)
