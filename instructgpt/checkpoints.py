@@ -1,9 +1,11 @@
-"""Loading policies and reward models from checkpoints (ours or xllama's).
+"""Loading policies and reward models from checkpoints (ours, xllama's, or a Llama release).
 
 A model written by an instructgpt command is a run directory of the shared `TrainingRun`
-(`config.json`, `metrics.jsonl`, `checkpoints/step_N/`) with `tokenizer.bpe` beside them; its
+(`config.json`, `metrics.jsonl`, `checkpoints/step_N/`) with its tokenizer's file beside them; its
 `config.json` says `{"package": "instructgpt", "model": {"kind": "policy" | "reward",
-"llama": LlamaConfig}}`. A base model may also be an xllama checkpoint (package "xllama").
+"llama": LlamaConfig}, "tokenizer": {...}}`. A base model may also be an xllama checkpoint
+(package "xllama") or a checkpoint xllama loads: a Hugging Face Llama / Mistral / Mixtral
+directory or a Meta release directory, with its own tokenizer.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from pathlib import Path
 
 from transformer.lora import LoRAConfig, remove_lora
 from transformer.training import config_from_dict, find_checkpoint, load_weights, read_config
-from transformer.vocabulary import BPE
+from transformer.training.checkpoint import read_json_object
 from xllama import Llama, LlamaConfig
+from xllama.convert import load_checkpoint
 
 from .data import InstructGPTError
 from .model import RewardModel
-from .task_tokenizer import find_tokenizer, load_task_tokenizer
+from .task_tokenizer import load_task_tokenizer, with_eos
 
 
 def _llama_config(checkpoint: Path, kind: str | None) -> tuple[LlamaConfig, str]:
@@ -40,23 +43,36 @@ def _llama_config(checkpoint: Path, kind: str | None) -> tuple[LlamaConfig, str]
     )
 
 
-def load_policy(path: Path, device=None) -> tuple[Llama, BPE, Path]:
+def load_policy(path: Path, device=None) -> tuple[Llama, object, Path]:
     """A language model (base, SFT, PPO or DPO policy) and its tokenizer from a run or checkpoint
-    directory. Returns (model, tokenizer, checkpoint directory)."""
+    directory, or from a Llama release directory. Returns (model, tokenizer, checkpoint
+    directory)."""
     path = Path(path)
     if (path / "policy" / "model.safetensors").is_file():  # a PPO or DPO run directory
         path = path / "policy"
+    if is_release(path):
+        model, tokenizer, _ = load_checkpoint(path)
+        return model.to(device or "cpu"), with_eos(tokenizer, path), path
     checkpoint = find_checkpoint(path)
     config, _ = _llama_config(checkpoint, "policy")
     model = _load(Llama(config), checkpoint)
-    return model.to(device or "cpu"), load_task_tokenizer(find_tokenizer(checkpoint)), checkpoint
+    return model.to(device or "cpu"), load_task_tokenizer(checkpoint), checkpoint
 
 
-def load_reward_model(path: Path, device=None) -> tuple[RewardModel, BPE, Path]:
+def load_reward_model(path: Path, device=None) -> tuple[RewardModel, object, Path]:
     checkpoint = find_checkpoint(Path(path))
     config, _ = _llama_config(checkpoint, "reward")
     model = _load(RewardModel(config), checkpoint)
-    return model.to(device or "cpu"), load_task_tokenizer(find_tokenizer(checkpoint)), checkpoint
+    return model.to(device or "cpu"), load_task_tokenizer(checkpoint), checkpoint
+
+
+def is_release(path: Path) -> bool:
+    """Whether `path` is a Hugging Face or Meta directory (a `config.json` that names no package
+    of ours, or a `params.json`) rather than a run or checkpoint of this project."""
+    config = path / "config.json"
+    if (path / "params.json").is_file():
+        return True
+    return config.is_file() and "package" not in read_json_object(config)
 
 
 def _load(model, checkpoint: Path):

@@ -159,17 +159,26 @@ def write_jsonl(path: Path, records) -> None:
 # Tokens and batches
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids, after the tokenizer's BOS when it has one (the Llama models' tokenizers do,
+    and their models expect it; the embedded task's BPE has none)."""
+    return ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(prompt)
+
+
 def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], int]:
-    """Token ids of prompt + response + EOS and the index where the response starts.
+    """Token ids of prompt (with BOS, see `encode_prompt`) + response + EOS and the index where
+    the response starts.
 
     The prompt and the response are encoded separately (so the response tokens are exactly the
-    ones a policy generates after the prompt), and the response is cut to fit `max_len`.
+    ones a policy generates after the prompt), and the response is cut to fit `max_len`; a prompt
+    of `max_len` tokens or more keeps its BOS and its last `max_len // 2` tokens.
     """
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    start = 0 if tokenizer.bos_id is None else 1
+    if len(prompt_ids) == start:
         raise DataError(f"prompt {prompt!r} encodes to no tokens")
     if len(prompt_ids) >= max_len:
-        prompt_ids = prompt_ids[-(max_len // 2) :]
+        prompt_ids = prompt_ids[:start] + prompt_ids[-(max_len // 2) :]
     response_ids = tokenizer.encode(response)[: max_len - len(prompt_ids) - 1]
     return prompt_ids + response_ids + [tokenizer.eos_id], len(prompt_ids)
 
@@ -208,7 +217,7 @@ class ByteTokenizer:
     """Bytes as tokens, plus an end-of-sequence id: for tests and as a dependency-free fallback."""
 
     def __init__(self):
-        self.vocab_size, self.eos_id = 257, 256
+        self.vocab_size, self.bos_id, self.eos_id = 257, None, 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

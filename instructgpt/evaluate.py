@@ -29,7 +29,7 @@ from transformer.training import (
 )
 
 from .checkpoints import load_policy, load_reward_model
-from .data import GoldLabeler, collate, encode_pair, read_prompts, task_prompts
+from .data import GoldLabeler, collate, encode_pair, encode_prompt, read_prompts, task_prompts
 from .model import sample_responses, sequence_logprobs
 from .task_tokenizer import check_same_tokenizer
 
@@ -56,7 +56,7 @@ def sample_and_score(policy, reference, tokenizer, prompts, judge, samples, max_
     log π(y) − log π_ref(y) (whose mean is KL(π‖π_ref))."""
     device = policy.tok_embeddings.weight.device
     repeated = [p for p in prompts for _ in range(samples)]
-    ids = [tokenizer.encode(p) for p in repeated]
+    ids = [encode_prompt(tokenizer, p) for p in repeated]
     g = torch.Generator(device=device).manual_seed(seed)
     outs = sample_responses(policy, ids, max_new_tokens, tokenizer.eos_id, generator=g)
     texts = [tokenizer.decode(o) for o in outs]

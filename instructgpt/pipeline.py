@@ -65,7 +65,6 @@ from .ppo import PPOConfig, train_ppo
 from .reward import RewardConfig, make_task_rankings, split_heldout, train_reward
 from .sft import SFTConfig, train_sft
 from .stage import check_k, ddp, optimizer_step
-from .task_tokenizer import load_task_tokenizer
 
 
 @dataclass
@@ -160,7 +159,7 @@ def pretrain(
     if dist.is_main:
         BPE.train(text, config.vocab_size, progress=False).save(out)
     dist.barrier()
-    tokenizer = load_task_tokenizer(out)
+    tokenizer = BPE.load(out)
     ids = torch.tensor(tokenizer.encode(text))
     llama = config.llama(tokenizer.vocab_size)
     seed_everything(seed)
@@ -171,7 +170,7 @@ def pretrain(
     run = TrainingRun(
         out, package="instructgpt", model_config=model_config("policy", llama),
         train_config={"stage": "pretrain", **asdict(config)}, model=model, optimizer=optimizer,
-        dist=dist, device=device, overwrite=True,
+        dist=dist, device=device, overwrite=True, extra_config={"tokenizer": tokenizer.spec()},
     )  # fmt: skip
     model_ddp = ddp(model, dist)
     for step in run.steps(config.pretrain_steps, desc="pretrain"):
@@ -361,7 +360,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--base", type=Path, default=None,
-        help="start from this base model (xllama or instructgpt run with tokenizer.bpe) instead of pretraining",
+        help="start from this base model (an xllama or instructgpt run, or a Hugging Face or "
+        "Meta Llama directory) instead of pretraining",
     )  # fmt: skip
     parser.add_argument(
         "--config", choices=list(PRESETS), default="default",

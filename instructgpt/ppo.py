@@ -40,10 +40,18 @@ from transformer.training import (
     save_checkpoint,
 )
 from xllama.sampling import token_logprobs
+from xllama.tokenization import keep_tokenizer
 
 from .batches import EpochSampler, rank_slice
 from .checkpoints import load_policy, load_reward_model, model_config
-from .data import GoldLabeler, InstructGPTError, corpus_text, read_prompts, task_prompts
+from .data import (
+    GoldLabeler,
+    InstructGPTError,
+    corpus_text,
+    encode_prompt,
+    read_prompts,
+    task_prompts,
+)
 from .losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -329,7 +337,7 @@ def train_ppo(
     if "beta" in state:
         kl_controller.value = float(state["beta"])
     sampler = EpochSampler(len(prompts), args.seed, state.get("prompts"))
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     max_prompt = policy.config.max_seq_len - config.max_new_tokens
     if max(len(p) for p in prompt_ids) > max_prompt:
         raise InstructGPTError(
@@ -412,12 +420,9 @@ def save_policy(out: Path, policy: nn.Module, tokenizer, extra: dict) -> Path:
         policy = copy.deepcopy(policy)
         remove_lora(policy)
     path = Path(out) / "policy"
-    save_checkpoint(
-        path,
-        policy,
-        {"package": "instructgpt", "model": model_config("policy", policy.config), **extra},
-    )
-    tokenizer.save(path)
+    save_checkpoint(path, policy, {"package": "instructgpt", "tokenizer": tokenizer.spec(),
+                                   "model": model_config("policy", policy.config), **extra})  # fmt: skip
+    keep_tokenizer(tokenizer, path)
     return path
 
 

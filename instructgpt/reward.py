@@ -42,6 +42,7 @@ from .data import (
     Ranking,
     collate,
     encode_pair,
+    encode_prompt,
     read_demonstrations,
     read_rankings,
     task_demonstrations,
@@ -139,7 +140,7 @@ def make_task_rankings(
     """The embedded task's preference data: K samples per prompt from `policy`, ranked best first
     by the gold labeler; prompts whose samples all tie are dropped."""
     gold = GoldLabeler()
-    ids = [tokenizer.encode(p) for p in prompts for _ in range(k)]
+    ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(k)]
     longest = max(len(i) for i in ids)
     max_new = min(max_new_tokens, policy.config.max_seq_len - longest, max_len - longest)
     g = torch.Generator(device=policy.tok_embeddings.weight.device).manual_seed(seed)

@@ -33,6 +33,7 @@ from .data import (
     Demonstration,
     collate,
     encode_pair,
+    encode_prompt,
     read_demonstrations,
     task_demonstrations,
     task_prompts,
@@ -66,7 +67,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         required=True,
-        help="base model: a run or checkpoint directory of xllama or instructgpt (with tokenizer.bpe)",
+        help="base model: a run or checkpoint directory of xllama or instructgpt, or a Hugging Face "
+        "or Meta Llama directory",
     )
     parser.add_argument(
         "--data",
@@ -118,7 +120,7 @@ def train_sft(
 def print_samples(run, policy, tokenizer, prompts, max_len: int, max_new_tokens: int = 32) -> None:
     """Greedy continuations of a few held-out prompts, so a person can see what training did."""
     max_new_tokens = min(max_new_tokens, policy.config.max_seq_len - max_len // 2)
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     outs = sample_responses(policy, ids, max_new_tokens, tokenizer.eos_id, temperature=0.0)
     for prompt, out in zip(prompts, outs):
         run.write(f"  {prompt!r} -> {tokenizer.decode(out)!r}")

@@ -24,8 +24,8 @@ from transformer.training import (
     select_dtype,
     setup_distributed,
 )
-from transformer.vocabulary import BPE
 from xllama import LlamaConfig
+from xllama.tokenization import keep_tokenizer
 
 from .checkpoints import model_config
 
@@ -102,7 +102,7 @@ def start_run(
     model: torch.nn.Module,
     kind: str,
     llama: LlamaConfig,
-    tokenizer: BPE,
+    tokenizer,
     dist: Distributed,
     device: torch.device,
     lr: float,
@@ -111,7 +111,8 @@ def start_run(
 ) -> tuple[TrainingRun, torch.optim.AdamW]:
     """AdamW (β = 0.9, 0.95) over `model`, and the run directory `args.out` that checkpoints both
     (resumed from `args.resume`; `config.json` says `{"kind": kind, "llama": llama}` and
-    `{"stage": stage, **config}`), with the tokenizer saved beside it by the main process.
+    `{"stage": stage, **config}`), with the tokenizer's file kept beside it by the main process
+    and named in `config.json`.
 
     With `--lora-rank R`, LoRA adapters go on `model` first and only they train (and a reward or
     value model's scalar head, which starts untrained); `config.json` records them under "lora"."""
@@ -137,10 +138,10 @@ def start_run(
         resume=args.resume,
         overwrite=args.overwrite,
         checkpoint_every=getattr(args, "checkpoint_every", 0),
-        extra_config=extra_config,
+        extra_config={**extra_config, "tokenizer": tokenizer.spec()},
     )
     if dist.is_main:
-        tokenizer.save(run.out)
+        keep_tokenizer(tokenizer, run.out)
     return run, optimizer
 
 

@@ -1,4 +1,5 @@
-"""Chat: the dialog formats of Llama 2-Chat and Llama 3 Instruct, as Meta's reference code writes them.
+"""Chat: the dialog formats of Llama 2-Chat and Llama 3 Instruct, as Meta's reference code writes
+them.
 
 A dialog is a list of messages `{"role": ..., "content": ...}` (roles "system", "user",
 "assistant"), the form Meta's, Hugging Face's and OpenAI's chat code all use. A chat model was

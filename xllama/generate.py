@@ -37,6 +37,7 @@ from .model import XLlamaError
 from .quantize import KINDS, quantize_for_decoding
 from .sampling import check_sampling_args, generate
 from .speculative import speculative_generate
+from .tokenization import same_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,13 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_arguments(parser, training=False)
     return parser
-
-
-def same_tokens(a, b) -> bool:
-    """Whether two tokenizers give every id the same text (the draft and the target must)."""
-    if a.vocab_size != b.vocab_size:
-        return False
-    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
 
 
 class Streamer:

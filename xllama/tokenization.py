@@ -234,6 +234,14 @@ def tokenizer_for_checkpoint(directory: Path, config: dict | None):
     return None
 
 
+def same_tokens(a, b) -> bool:
+    """Whether two tokenizers give every id the same text (a draft model and its target must; so
+    must a policy and its reward model)."""
+    if a.vocab_size != b.vocab_size:
+        return False
+    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+
+
 def keep_tokenizer(tokenizer, directory: Path) -> None:
     """Copy a tokenizer's file into a run directory, so the run's spec finds it there."""
     directory = Path(directory)
@@ -242,6 +250,6 @@ def keep_tokenizer(tokenizer, directory: Path) -> None:
         if tokenizer.path.parent.resolve() != directory.resolve():
             shutil.copyfile(tokenizer.path, directory / tokenizer.file)
     elif isinstance(tokenizer, BPE) and not isinstance(tokenizer, Tiktoken):
-        tokenizer.save(directory / FILE_NAME)
+        tokenizer.save(directory / (tokenizer.file or FILE_NAME))  # the name its spec gives
     elif isinstance(tokenizer, SentencePiece) and tokenizer.path.parent != directory:
         shutil.copyfile(tokenizer.path, directory / tokenizer.file)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tests.xllama.conftest import BOS, EOS
+from tests.conftest import BOS, EOS
 from transformer.training import CheckpointError
 from xllama.chat import chat_format, dialog_prompt, llama2_prompt, llama3_prompt, stop_ids
 from xllama.convert import load_checkpoint
@@ -63,7 +63,8 @@ def test_llama2_prompt_is_metas(tmp_path):
     tokenizer = SentencePiece(tmp_path / "sp.model")
     assert chat_format(tokenizer) == "llama2"
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    # Meta's llama/generation.py: <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
+    # Meta's llama/generation.py, one exchange:
+    # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
     first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! "
     expected = [1, *sp.encode(first), 2, 1, *sp.encode("[INST] Who are you? [/INST]")]
     assert llama2_prompt(tokenizer, DIALOG) == expected

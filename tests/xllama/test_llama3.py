@@ -1,13 +1,13 @@
 """Llama 3-style checkpoints end to end (tiny random weights, no downloads; the `llama3` fixture
-of conftest.py): `xllama.generate` prints the text of Hugging Face's greedy `generate` from the
-Hugging Face and the Meta form, and a LoRA fine-tune of the HF directory keeps its `tokenizer.json`
-and its RoPE scaling."""
+of tests/conftest.py): `xllama.generate` prints the text of Hugging Face's greedy `generate` from
+the Hugging Face and the Meta form, and a LoRA fine-tune of the HF directory keeps its
+`tokenizer.json` and its RoPE scaling."""
 
 import json
 
 import pytest
 
-from tests.xllama.conftest import BOS, EOS, PROMPT
+from tests.conftest import BOS, EOS, PROMPT
 from tokenizer import embedded_corpus
 from xllama.convert import load_checkpoint
 from xllama.generate import main as generate_main
