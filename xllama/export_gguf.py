@@ -15,9 +15,10 @@ this module is the mapping from our model and tokenizer to llama.cpp's `llama` a
 - the tokenizer: our byte-level BPE as llama.cpp's `gpt2` model (tokens and merges in GPT-2's
   printable byte alphabet, pre-tokenizer `llama-bpe` for Llama 3's or our GPT-4 split pattern,
   `gpt-2` for GPT-2's; Llama 3's `tokenizer.json` and tiktoken `tokenizer.model` included), a
-  SentencePiece model as its `llama` model (pieces, scores, types). A character tokenizer has no
-  llama.cpp counterpart and is refused, as are ALiBi and sliding-window models (llama.cpp's `llama`
-  architecture has neither).
+  SentencePiece model as its `llama` model (pieces, scores, types); a Hugging Face chat model's
+  chat template (its `tokenizer_config.json`) as `tokenizer.chat_template`. A character tokenizer
+  has no llama.cpp counterpart and is refused, as are ALiBi and sliding-window models (llama.cpp's
+  `llama` architecture has neither).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from transformer.training import CommandParser, run_command
 
 from .convert import change_pairing, float_state_dict, load_checkpoint
 from .model import Llama, LlamaConfig, XLlamaError, llama3_frequencies, rope_frequencies
+from .tokenization import chat_template
 
 TYPES = ("f32", "f16", "q8_0")
 # Our split patterns, by name -> (pattern, llama.cpp's pre-tokenizer; `llama-bpe` is Llama 3's).
@@ -162,6 +164,9 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if tokenizer.eos_id is not None:
         writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_add_bos_token(tokenizer.bos_id is not None)  # Llama 2 and 3 begin with BOS; ours not
+    template = chat_template(tokenizer)
+    if template is not None:  # a chat model's: llama.cpp picks its dialog format from it
+        writer.add_chat_template(template)
 
 
 def export_gguf(model: Llama, tokenizer, path: Path, dtype: str = "f32") -> Path:

@@ -25,6 +25,8 @@ from transformer.vocabulary import BPE
 
 from .model import XLlamaError
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
 
 class CharTokenizer:
     """One token per character of a fixed alphabet (sorted characters of the training text)."""
@@ -148,21 +150,43 @@ class HuggingFaceBPE(BPE):
         return {"kind": self.kind, "file": self.file, "bos": self.bos, "eos": self.eos}
 
 
-def _roles_beside(path: Path) -> tuple[str | None, str | None]:
-    """The bos and eos token strings of the `tokenizer_config.json` beside `path`, if any."""
-    config_path = path.with_name("tokenizer_config.json")
+def tokenizer_config_beside(path: Path) -> dict:
+    """The Hugging Face `tokenizer_config.json` beside a tokenizer file, or {} without one (or
+    with one that holds no JSON object)."""
+    config_path = Path(path).with_name(TOKENIZER_CONFIG)
     if not config_path.is_file():
-        return None, None
+        return {}
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise XLlamaError(f"cannot read {config_path}: {exc}") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _roles_beside(path: Path) -> tuple[str | None, str | None]:
+    """The bos and eos token strings of the `tokenizer_config.json` beside `path`, if any."""
+    config = tokenizer_config_beside(path)
     roles = []
     for key in ("bos_token", "eos_token"):
-        token = config.get(key) if isinstance(config, dict) else None
+        token = config.get(key)
         token = token.get("content") if isinstance(token, dict) else token
         roles.append(token if isinstance(token, str) else None)  # null or malformed: no role
     return roles[0], roles[1]
+
+
+def chat_template(tokenizer) -> str | None:
+    """The chat template (Jinja source) in the `tokenizer_config.json` beside the tokenizer's
+    file, as a Hugging Face chat model ships it; None without one. Carried as text, for GGUF
+    export (llama.cpp reads it to pick its dialog format); never run here (`xllama.chat` writes
+    the dialog formats itself)."""
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        return None
+    template = tokenizer_config_beside(path).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)  # fmt: skip
+    return template if isinstance(template, str) else None
 
 
 def load_tokenizer(spec: dict | str, base_dir: Path | None = None):
@@ -243,13 +267,15 @@ def same_tokens(a, b) -> bool:
 
 
 def keep_tokenizer(tokenizer, directory: Path) -> None:
-    """Copy a tokenizer's file into a run directory, so the run's spec finds it there."""
+    """Copy a tokenizer's file into a run directory, so the run's spec finds it there (with the
+    Hugging Face `tokenizer_config.json` beside it, if any)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(tokenizer, HuggingFaceBPE):
+    if isinstance(tokenizer, (HuggingFaceBPE, SentencePiece)):
         if tokenizer.path.parent.resolve() != directory.resolve():
             shutil.copyfile(tokenizer.path, directory / tokenizer.file)
+            config = tokenizer.path.with_name(TOKENIZER_CONFIG)  # its chat template goes along
+            if config.is_file():
+                shutil.copyfile(config, directory / TOKENIZER_CONFIG)
     elif isinstance(tokenizer, BPE) and not isinstance(tokenizer, Tiktoken):
         tokenizer.save(directory / (tokenizer.file or FILE_NAME))  # the name its spec gives
-    elif isinstance(tokenizer, SentencePiece) and tokenizer.path.parent != directory:
-        shutil.copyfile(tokenizer.path, directory / tokenizer.file)

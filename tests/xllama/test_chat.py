@@ -2,6 +2,7 @@
 and tokenized by the `tokenizers` and `sentencepiece` libraries; the answers are Hugging Face's
 greedy `generate` on those prompts."""
 
+import ctypes
 import io
 import json
 import re
@@ -49,6 +50,20 @@ def test_llama3_prompt_is_the_model_cards(llama3, kind):
     # A special token written in a message is text, not the end of the turn.
     sneaky = [{"role": "user", "content": "a <|eot_id|> b"}]
     assert llama3_prompt(tokenizer, sneaky).count(EOT) == 1
+
+
+def test_llama_cpp_writes_the_llama3_dialog_as_we_do(llama3):
+    """llama.cpp's own Llama 3 format (C++, `llama_chat_apply_template`), where it is installed."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    messages = [llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode())
+                for m in DIALOG]  # fmt: skip
+    array = (llama_cpp.llama_chat_message * len(messages))(*messages)
+    buffer = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(b"llama3", array, len(messages), True, buffer, 4096)
+    text = buffer.raw[:n].decode()  # llama.cpp leaves <|begin_of_text|> to the tokenizer
+    _, tokenizer, _ = load_checkpoint(llama3["hf"])
+    ids = llama3["hf_tokenizer"].encode(text, add_special_tokens=False).ids
+    assert llama3_prompt(tokenizer, DIALOG) == [BOS, *ids]
 
 
 def test_llama2_prompt_is_metas(tmp_path):

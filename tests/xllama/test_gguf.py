@@ -3,6 +3,8 @@ a slow test, run by llama.cpp itself (`llama-cpp-python`): its logits and its to
 against ours."""
 
 import base64
+import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -12,8 +14,15 @@ import torch
 from tokenizer import BPETokenizer, bytes_to_unicode
 from transformer.vocabulary import BPE
 from xllama import Llama, XLlamaError
+from xllama.convert import load_checkpoint
 from xllama.export_gguf import export_gguf
-from xllama.tokenization import CharTokenizer, Tiktoken
+from xllama.tokenization import (
+    CharTokenizer,
+    Tiktoken,
+    chat_template,
+    keep_tokenizer,
+    load_tokenizer,
+)
 from xllama.train import PRESETS
 
 gguf = pytest.importorskip("gguf")
@@ -191,6 +200,28 @@ def test_llama3_rope_factors_and_tokenizer(tmp_path):
         n + 1,
     )
     assert fields["tokenizer.ggml.tokens"][n + 9] == "<|eot_id|>"
+
+
+# Not Llama 3's template: a Jinja text like it, which GGUF export carries and never runs.
+TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] | trim }}<|eot_id|>{% endfor %}")  # fmt: skip
+
+
+def test_a_chat_models_template_goes_into_the_gguf_and_into_a_run(llama3, tmp_path):
+    checkpoint = tmp_path / "hf"
+    shutil.copytree(llama3["hf"], checkpoint)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    (checkpoint / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": TEMPLATE})
+    )
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    fields, _ = read(export_gguf(model, tokenizer, tmp_path / "chat.gguf"))
+    assert fields["tokenizer.chat_template"] == TEMPLATE
+    keep_tokenizer(tokenizer, tmp_path / "run")  # what a fine-tuning run keeps
+    assert chat_template(load_tokenizer(tokenizer.spec(), tmp_path / "run")) == TEMPLATE
+    fields, _ = read(export_gguf(model, load_tokenizer(str(llama3["hf"] / "tokenizer.json")),
+                                 tmp_path / "base.gguf"))  # fmt: skip
+    assert "tokenizer.chat_template" not in fields
 
 
 @pytest.mark.slow
