@@ -544,13 +544,15 @@ def load_model(directory: Path, dtype: torch.dtype | None = torch.float32) -> Ll
 
 
 def load_checkpoint(
-    directory: Path, tokenizer: str | None = None
+    directory: Path, tokenizer: str | None = None, dtype: torch.dtype | None = torch.float32
 ) -> tuple[Llama, object, dict | None]:
     """(model, tokenizer, our config dict or None) of any checkpoint kind. The tokenizer is the file
     `tokenizer` names, else the one an xllama run names, else a `tokenizer.model` (or else a
     `tokenizer.json`) beside the weights; a run trained with LoRA comes back with its adapters
     merged into the weights (and a quantised base dequantised first); a model quantised for
-    decoding stays quantised."""
+    decoding stays quantised. A Hugging Face or Meta checkpoint's weights are read into `dtype`
+    tensor by tensor (None: as stored), so a bfloat16 release read for bfloat16 decoding never
+    takes float32's memory; our runs load as saved."""
     config = None
     if checkpoint_kind(directory) == PACKAGE:
         directory = find_checkpoint(directory)
@@ -559,7 +561,7 @@ def load_checkpoint(
             dequantize_model(model)
             remove_lora(model)
     else:
-        model = load_model(directory)
+        model = load_model(directory, dtype)
     found = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(directory, config)
     if found is None:
         raise XLlamaError(f"{directory} names no tokenizer; pass --tokenizer FILE")

@@ -174,7 +174,10 @@ def main(argv=None) -> int:
     dtype = select_dtype(args.dtype, device)
     if args.system is not None and args.chat is None:
         raise XLlamaError("--system is the opening message of a chat; add --chat")
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, args.tokenizer)
+    # Read in the decoding dtype (a bfloat16 release stays bfloat16), unless adapters are merged
+    # or weights quantised first: those work from float32 weights.
+    load_dtype = dtype if args.adapter is None and args.quantize == "none" else torch.float32
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, args.tokenizer, load_dtype)
     chat = None if args.chat is None else chat_format(tokenizer, args.chat)
     if args.adapter is not None:
         load_any_adapter(model, args.adapter)
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     if args.draft is not None:
         if args.compile:
             raise XLlamaError("--compile applies to plain decoding; speculative decoding is eager")
-        draft, draft_tokenizer, _ = load_checkpoint(args.draft, args.tokenizer)
+        draft, draft_tokenizer, _ = load_checkpoint(args.draft, args.tokenizer, dtype)
         if not same_tokens(tokenizer, draft_tokenizer):
             raise XLlamaError(
                 f"--draft {args.draft} uses another tokenizer than {args.checkpoint}: "

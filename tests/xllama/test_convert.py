@@ -63,6 +63,18 @@ def test_hf_checkpoint_loads_with_identical_logits_and_greedy(kind, tmp_path):
     assert generate(ours, [prompt], 20, temperature=0) == [hf_greedy(theirs, prompt, 20)]
 
 
+def test_a_bfloat16_release_loads_in_bfloat16_with_hf_bfloat16_logits(tmp_path):
+    theirs = hf_model(2).to(torch.bfloat16)
+    theirs.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype=None).eval()  # as stored: never a float32 copy
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    ours.reset_rope_tables()
+    tokens = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():  # the same bfloat16 weights; the kernels' roundings differ a little
+        torch.testing.assert_close(ours(tokens).float(), theirs(tokens).logits.float(),
+                                   atol=0.05, rtol=0.05)  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", HEADS)
 def test_export_loads_in_hf_with_identical_logits(kind, tmp_path):
     theirs = hf_model(HEADS[kind])
