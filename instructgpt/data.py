@@ -5,7 +5,11 @@ Formats (one JSON object per line):
 - comparisons          {"prompt": str, "chosen": str, "rejected": str}
 - rankings             {"prompt": str, "responses": [best, ..., worst]}  (K ≥ 2)
 A comparison is the K = 2 ranking [chosen, rejected]; the reward model reads both formats.
-Every problem is reported as `FILE:LINE: what is wrong`.
+For a chat model, a prompt may be a dialog, a list of messages `{"role", "content"}` (an optional
+system message, then user and assistant in turn, ending with the user's), and a response the
+assistant's message (a string, or `[{"role": "assistant", "content": ...}]` as TRL writes it): it is
+then written in the model's chat format (`xllama.chat`) and the response ends with the format's
+end of turn. Every problem is reported as `FILE:LINE: what is wrong`.
 
 The embedded task (offline, stands in for human raters; DPO paper §6.1 "controlled sentiment
 generation" with a word lexicon in place of the sentiment classifier): prompts are the first words
@@ -29,6 +33,8 @@ from pathlib import Path
 import torch
 
 from transformer.training import UserError
+from xllama.chat import answer_ids, chat_format, check_dialog, dialog_prompt
+from xllama.model import XLlamaError
 
 
 class InstructGPTError(UserError):
@@ -43,15 +49,20 @@ class DataError(InstructGPTError):
 # JSONL formats
 
 
+Dialog = tuple[tuple[str, str], ...]
+"""a chat prompt: (role, content) messages, hashable like a text prompt"""
+Prompt = str | Dialog
+
+
 @dataclass
 class Demonstration:
-    prompt: str
+    prompt: Prompt
     response: str
 
 
 @dataclass
 class Ranking:
-    prompt: str
+    prompt: Prompt
     responses: list[str]
     """best first; a comparison is [chosen, rejected]"""
 
@@ -94,6 +105,39 @@ def _text(where: str, record: dict, key: str, fmt: str, allow_empty: bool = Fals
     return value
 
 
+def _prompt(where: str, record: dict, fmt: str) -> Prompt:
+    """A prompt: text, or a dialog of {"role", "content"} messages (a tuple of pairs)."""
+    value = record.get("prompt")
+    if not isinstance(value, list):
+        return _text(where, record, "prompt", fmt)
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+               and isinstance(m.get("content"), str) for m in value):  # fmt: skip
+        raise DataError(f'{where}: a dialog prompt is a list of {{"role": ..., "content": ...}}')
+    try:
+        check_dialog(value)
+    except XLlamaError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    return tuple((m["role"], m["content"]) for m in value)
+
+
+def _response(where: str, value, name: str) -> str:
+    """A response: text, or TRL's [{"role": "assistant", "content": ...}]."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        if value[0].get("role") == "assistant":
+            value = value[0].get("content")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {name} must be a string (or one assistant message)")
+    if not value.strip():
+        raise DataError(f"{where}: {name} is empty")
+    return value
+
+
+def _field(where: str, record: dict, key: str, fmt: str):
+    if key not in record:
+        raise DataError(f"{where}: missing field {key!r} (expected {fmt})")
+    return record[key]
+
+
 SFT_FORMAT = '{"prompt": ..., "response": ...}'
 RANKING_FORMAT = '{"prompt": ..., "chosen": ..., "rejected": ...} or {"prompt": ..., "responses": [best, ..., worst]}'
 
@@ -101,7 +145,10 @@ RANKING_FORMAT = '{"prompt": ..., "chosen": ..., "rejected": ...} or {"prompt": 
 def read_demonstrations(path: Path) -> list[Demonstration]:
     """SFT data: {"prompt", "response"} per line."""
     out = [
-        Demonstration(_text(w, r, "prompt", SFT_FORMAT), _text(w, r, "response", SFT_FORMAT))
+        Demonstration(
+            _prompt(w, r, SFT_FORMAT),
+            _response(w, _field(w, r, "response", SFT_FORMAT), "field 'response'"),
+        )
         for w, r in _records(path)
     ]
     if not out:
@@ -109,9 +156,9 @@ def read_demonstrations(path: Path) -> list[Demonstration]:
     return out
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path) -> list[Prompt]:
     """Prompts for PPO or evaluation: the "prompt" field of each line (other fields ignored)."""
-    out = [_text(w, r, "prompt", '{"prompt": ...}') for w, r in _records(path)]
+    out = [_prompt(w, r, '{"prompt": ...}') for w, r in _records(path)]
     if not out:
         raise DataError(f"{path}: no prompts")
     return out
@@ -122,22 +169,20 @@ def read_rankings(path: Path) -> list[Ranking]:
     {"prompt","responses":[best..worst]} (a file may mix them)."""
     out = []
     for where, record in _records(path):
-        prompt = _text(where, record, "prompt", RANKING_FORMAT)
+        prompt = _prompt(where, record, RANKING_FORMAT)
         if "responses" in record:
             responses = record["responses"]
-            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            if not isinstance(responses, list):
                 raise DataError(f"{where}: 'responses' must be a list of strings, best first")
             if len(responses) < 2:
                 raise DataError(
                     f"{where}: a ranking needs at least 2 responses, found {len(responses)}"
                 )
-            for i, r in enumerate(responses):
-                if not r.strip():
-                    raise DataError(f"{where}: response {i} is empty")
+            responses = [_response(where, r, f"response {i}") for i, r in enumerate(responses)]
         else:
             responses = [
-                _text(where, record, "chosen", RANKING_FORMAT),
-                _text(where, record, "rejected", RANKING_FORMAT),
+                _response(where, _field(where, record, key, RANKING_FORMAT), f"field {key!r}")
+                for key in ("chosen", "rejected")
             ]
         out.append(Ranking(prompt, list(responses)))
     if not out:
@@ -159,28 +204,41 @@ def write_jsonl(path: Path, records) -> None:
 # Tokens and batches
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """A prompt's ids, after the tokenizer's BOS when it has one (the Llama models' tokenizers do,
-    and their models expect it; the embedded task's BPE has none)."""
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's ids: text after the tokenizer's BOS when it has one (the Llama models'
+    tokenizers do, and their models expect it; the embedded task's BPE has none), or a dialog in
+    the tokenizer's chat format, asking for the assistant's answer (`xllama.chat`)."""
+    if isinstance(prompt, tuple):
+        messages = [{"role": role, "content": content} for role, content in prompt]
+        return dialog_prompt(tokenizer, messages, chat_format(tokenizer))
     return ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(prompt)
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], int]:
-    """Token ids of prompt (with BOS, see `encode_prompt`) + response + EOS and the index where
-    the response starts.
+def encode_response(tokenizer, prompt: Prompt, response: str) -> list[int]:
+    """A response's ids with the token that ends it: EOS after a text prompt; after a dialog, the
+    chat format's end of the assistant's turn (Llama 3: `<|eot_id|>`)."""
+    if isinstance(prompt, tuple):
+        return answer_ids(tokenizer, response, chat_format(tokenizer))
+    return [*tokenizer.encode(response), tokenizer.eos_id]
+
+
+def encode_pair(tokenizer, prompt: Prompt, response: str, max_len: int) -> tuple[list[int], int]:
+    """Token ids of prompt + response with its end (see `encode_prompt`, `encode_response`) and
+    the index where the response starts.
 
     The prompt and the response are encoded separately (so the response tokens are exactly the
-    ones a policy generates after the prompt), and the response is cut to fit `max_len`; a prompt
-    of `max_len` tokens or more keeps its BOS and its last `max_len // 2` tokens.
+    ones a policy generates after the prompt), and the response is cut to fit `max_len`, keeping
+    its end token; a prompt of `max_len` tokens or more keeps its first token (BOS) and its last
+    `max_len // 2` tokens.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    start = 0 if tokenizer.bos_id is None else 1
-    if len(prompt_ids) == start:
+    if len(prompt_ids) == (0 if tokenizer.bos_id is None else 1):
         raise DataError(f"prompt {prompt!r} encodes to no tokens")
     if len(prompt_ids) >= max_len:
-        prompt_ids = prompt_ids[:start] + prompt_ids[-(max_len // 2) :]
-    response_ids = tokenizer.encode(response)[: max_len - len(prompt_ids) - 1]
-    return prompt_ids + response_ids + [tokenizer.eos_id], len(prompt_ids)
+        keep = 0 if tokenizer.bos_id is None else 1
+        prompt_ids = prompt_ids[:keep] + prompt_ids[-(max_len // 2) :]
+    *response_ids, end = encode_response(tokenizer, prompt, response)
+    return prompt_ids + response_ids[: max_len - len(prompt_ids) - 1] + [end], len(prompt_ids)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from transformer.training import (
     seed_everything,
     select_device,
 )
+from xllama.chat import stop_ids
 
 from .checkpoints import load_policy, load_reward_model
 from .data import GoldLabeler, collate, encode_pair, encode_prompt, read_prompts, task_prompts
@@ -58,7 +59,7 @@ def sample_and_score(policy, reference, tokenizer, prompts, judge, samples, max_
     repeated = [p for p in prompts for _ in range(samples)]
     ids = [encode_prompt(tokenizer, p) for p in repeated]
     g = torch.Generator(device=device).manual_seed(seed)
-    outs = sample_responses(policy, ids, max_new_tokens, tokenizer.eos_id, generator=g)
+    outs = sample_responses(policy, ids, max_new_tokens, stop_ids(tokenizer), generator=g)
     texts = [tokenizer.decode(o) for o in outs]
     scores = judge.scores(repeated, texts)
     kls = []

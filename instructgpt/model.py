@@ -12,6 +12,8 @@ sampling responses with the KV cache through `xllama.sampling.generate`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor, nn
 
@@ -94,15 +96,16 @@ def sample_responses(
     policy: Llama,
     prompts: list[list[int]],
     max_new_tokens: int,
-    eos_id: int,
+    stops: Collection[int],
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     batch_size: int = 64,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Sample a response per prompt (token ids, ending with EOS unless cut at `max_new_tokens`),
-    decoding with the KV cache in batches."""
+    """Sample a response per prompt (token ids, ending with one of `stops` unless cut at
+    `max_new_tokens`: EOS, and a chat model's end of turn), decoding with the KV cache in
+    batches."""
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         out += generate(
@@ -112,7 +115,7 @@ def sample_responses(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            stop_ids=(eos_id,),
+            stop_ids=stops,
             generator=generator,
         )
     return out

@@ -39,6 +39,7 @@ from transformer.training import (
     run_command,
     save_checkpoint,
 )
+from xllama.chat import stop_ids
 from xllama.sampling import token_logprobs
 from xllama.tokenization import keep_tokenizer
 
@@ -170,7 +171,7 @@ def make_rollout(
     reward_model,
     value_model,
     prompt_ids,
-    eos_id,
+    stops,
     config: PPOConfig,
     beta,
     generator=None,
@@ -180,14 +181,14 @@ def make_rollout(
         policy,
         prompt_ids,
         config.max_new_tokens,
-        eos_id,
+        stops,
         batch_size=len(prompt_ids),
         generator=generator,
     )
     device = policy.tok_embeddings.weight.device
     width = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
     n = len(prompt_ids)
-    tokens = torch.full((n, width), eos_id, dtype=torch.long)
+    tokens = torch.full((n, width), min(stops), dtype=torch.long)  # padding: masked, any id
     attention = torch.zeros(n, width, dtype=torch.long)
     response_mask = torch.zeros(n, width, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompt_ids, responses)):
@@ -204,9 +205,9 @@ def make_rollout(
     ref_logprobs, _ = sequence_logprobs(reference, tokens, attention, response_mask)
     old_values = value_model(tokens, attention)[:, :-1] * mask
     score = reward_model.score(tokens, attention)
-    # The reward model only ever saw responses that end with EOS; one cut short is scored as it
-    # is, less `missing_eos_penalty` (TRL's rule).
-    truncated = torch.tensor([not r or r[-1] != eos_id for r in responses], device=device)
+    # The reward model only ever saw responses that end with EOS (or the end of a turn); one cut
+    # short is scored as it is, less `missing_eos_penalty` (TRL's rule).
+    truncated = torch.tensor([not r or r[-1] not in stops for r in responses], device=device)
     score = score - config.missing_eos_penalty * truncated.float()
     rewards, kl = kl_penalised_rewards(score, old_logprobs, ref_logprobs, mask, beta)
     advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
@@ -338,6 +339,7 @@ def train_ppo(
         kl_controller.value = float(state["beta"])
     sampler = EpochSampler(len(prompts), args.seed, state.get("prompts"))
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    stops = stop_ids(tokenizer)
     max_prompt = policy.config.max_seq_len - config.max_new_tokens
     if max(len(p) for p in prompt_ids) > max_prompt:
         raise InstructGPTError(
@@ -368,7 +370,7 @@ def train_ppo(
         cpu_generator.manual_seed(args.seed * 1_000_003 + it)
         rollout = make_rollout(
             policy, reference, reward_model, value_model, [prompt_ids[i] for i in indices],
-            tokenizer.eos_id, config, beta, generator,
+            stops, config, beta, generator,
         )  # fmt: skip
         stats = ppo_update(
             policy_ddp, value_ddp, optimizer, rollout, config, ptx_batches, cpu_generator

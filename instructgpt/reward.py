@@ -33,6 +33,7 @@ from transformer.training import (
     set_lr,
     warmup_cosine,
 )
+from xllama.chat import stop_ids
 
 from .batches import EpochSampler, rank_slice
 from .checkpoints import load_policy
@@ -144,7 +145,7 @@ def make_task_rankings(
     longest = max(len(i) for i in ids)
     max_new = min(max_new_tokens, policy.config.max_seq_len - longest, max_len - longest)
     g = torch.Generator(device=policy.tok_embeddings.weight.device).manual_seed(seed)
-    outs = sample_responses(policy, ids, max_new, tokenizer.eos_id, generator=g)
+    outs = sample_responses(policy, ids, max_new, stop_ids(tokenizer), generator=g)
     rankings = []
     for j, prompt in enumerate(prompts):
         texts = [tokenizer.decode(o) for o in outs[j * k : (j + 1) * k]]
@@ -156,7 +157,7 @@ def make_task_rankings(
 
 
 def split_heldout(rankings: list[Ranking], fraction: float, seed: int):
-    prompts = sorted({r.prompt for r in rankings})
+    prompts = sorted({r.prompt for r in rankings}, key=lambda p: (isinstance(p, tuple), p))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(prompts), generator=g).tolist()
     held = {prompts[i] for i in order[: max(1, int(round(fraction * len(prompts))))]}

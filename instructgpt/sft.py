@@ -26,6 +26,7 @@ from transformer.training import (
     set_lr,
     warmup_cosine,
 )
+from xllama.chat import stop_ids
 
 from .batches import EpochSampler, rank_slice
 from .checkpoints import load_policy
@@ -121,7 +122,7 @@ def print_samples(run, policy, tokenizer, prompts, max_len: int, max_new_tokens:
     """Greedy continuations of a few held-out prompts, so a person can see what training did."""
     max_new_tokens = min(max_new_tokens, policy.config.max_seq_len - max_len // 2)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    outs = sample_responses(policy, ids, max_new_tokens, tokenizer.eos_id, temperature=0.0)
+    outs = sample_responses(policy, ids, max_new_tokens, stop_ids(tokenizer), temperature=0.0)
     for prompt, out in zip(prompts, outs):
         run.write(f"  {prompt!r} -> {tokenizer.decode(out)!r}")
 

@@ -113,6 +113,17 @@ def dialog_prompt(tokenizer, dialog: Dialog, name: str) -> list[int]:
     return (llama3_prompt if name == "llama3" else llama2_prompt)(tokenizer, dialog)
 
 
+def answer_ids(tokenizer, answer: str, name: str) -> list[int]:
+    """The ids of an assistant's answer after `dialog_prompt`, with the token that ends it, as
+    the format writes an answer in a dialog: Llama 3's `{answer}<|eot_id|>`, Llama 2's
+    `{answer} </s>` (sentencepiece's leading "▁" stands for the space after `[/INST]`). What
+    fine-tuning on dialogs trains the model to produce."""
+    if name == "llama3":
+        end = tokenizer.bpe.special_tokens[END_OF_TURN[0]]
+        return [*tokenizer.bpe.encode_ordinary(answer.strip()), end]
+    return [*tokenizer.encode(f"{answer.strip()} "), tokenizer.eos_id]
+
+
 def stop_ids(tokenizer, directory: Path | None = None) -> set[int]:
     """The tokens that end a generation: the tokenizer's EOS, Llama 3's end-of-turn tokens where
     the tokenizer has them (Meta's code stops at both), and the `eos_token_id`s of a Hugging Face

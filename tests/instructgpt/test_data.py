@@ -35,6 +35,18 @@ def test_formats_read_and_comparisons_are_k2_rankings(tmp_path):
         )
     )
     assert data[0].responses == ["good", "bad"] and data[1].responses == ["x", "y", "z"]
+    # A chat model's data, as TRL writes it: a dialog prompt, the assistant's message as response.
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    answer = [{"role": "assistant", "content": "Hello."}]
+    sft = read_demonstrations(
+        _write(tmp_path / "c.jsonl", [{"prompt": dialog, "response": answer}])
+    )
+    assert (
+        sft[0].prompt == (("system", "Be brief."), ("user", "Hi")) and sft[0].response == "Hello."
+    )
+    data = read_rankings(_write(tmp_path / "d.jsonl", [{"prompt": dialog, "chosen": answer,
+                                                         "rejected": "Go away."}]))  # fmt: skip
+    assert data[0].responses == ["Hello.", "Go away."]
 
 
 @pytest.mark.parametrize(
@@ -44,6 +56,15 @@ def test_formats_read_and_comparisons_are_k2_rankings(tmp_path):
         ({"prompt": "  ", "chosen": "c", "rejected": "r"}, "2: field 'prompt' is empty"),
         ({"prompt": "p", "responses": ["only"]}, "2: a ranking needs at least 2 responses"),
         ("{not json", "2: not valid JSON"),
+        ({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "r"}, "2: a dialog prompt is"),
+        (
+            {"prompt": [{"role": "assistant", "content": "x"}], "chosen": "c", "rejected": "r"},
+            "2: a dialog is an optional system message, then user and assistant",
+        ),
+        (
+            {"prompt": "p", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"},
+            "2: field 'chosen' must be a string (or one assistant message)",
+        ),  # fmt: skip
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, line, message):

@@ -18,20 +18,38 @@ from tests.instructgpt.conftest import write_jsonl
 
 transformers = pytest.importorskip("transformers")
 
-DEMOS = [{"prompt": f"The value {i} is", "response": " a new object."} for i in range(8)]
-RANKS = [{"prompt": f"The value {i} is", "responses": [" a new object.", " not valid."]}
-         for i in range(8)]  # fmt: skip
+# Dialogs as TRL writes them (conversational prompts, the assistant's messages as responses).
+ASK = [[{"role": "user", "content": f"What is the value {i}?"}] for i in range(8)]
+DEMOS = [
+    {"prompt": a, "response": [{"role": "assistant", "content": "A new object."}]} for a in ASK
+]
+RANKS = [{"prompt": a, "chosen": "A new object.", "rejected": "Not valid."} for a in ASK]
+
+
+DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be, or not"}]
+# Meta's model card: the Llama 3 Instruct prompt, and the answer as the model is trained to end it.
+DIALOG_TEXT = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nTo be, or not<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n")  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["hf", "meta"])
-def test_sft_loss_on_a_llama_release_is_hugging_faces_cross_entropy(llama3, kind):
+@pytest.mark.parametrize("form", ["text", "dialog"])
+def test_sft_loss_on_a_llama_release_is_hugging_faces_cross_entropy(llama3, kind, form):
     policy, tokenizer, _ = load_policy(llama3[kind])
-    prompt, response = "To be, or not", " to be: that is the question"
-    ids, start = encode_pair(tokenizer, prompt, response, 64)
     hf_tokenizer = llama3["hf_tokenizer"]
-    prompt_ids = hf_tokenizer.encode(prompt, add_special_tokens=False).ids
-    response_ids = hf_tokenizer.encode(response, add_special_tokens=False).ids
-    assert ids == [BOS, *prompt_ids, *response_ids, EOS] and start == 1 + len(prompt_ids)
+    response = " to be: that is the question"
+    if form == "text":
+        prompt = "To be, or not"
+        prompt_ids = [BOS, *hf_tokenizer.encode(prompt, add_special_tokens=False).ids]
+        response_ids = [*hf_tokenizer.encode(response, add_special_tokens=False).ids, EOS]
+    else:
+        prompt = tuple((m["role"], m["content"]) for m in DIALOG)
+        prompt_ids = hf_tokenizer.encode(DIALOG_TEXT, add_special_tokens=False).ids
+        response_ids = hf_tokenizer.encode(response.strip() + "<|eot_id|>",
+                                           add_special_tokens=False).ids  # fmt: skip
+    ids, start = encode_pair(tokenizer, prompt, response, 64)
+    assert ids == prompt_ids + response_ids and start == len(prompt_ids)
     batch = collate([(ids, start)], tokenizer.eos_id)
     with torch.no_grad():
         ours = sft_loss(policy(batch.tokens, batch.attention_mask), batch.tokens,

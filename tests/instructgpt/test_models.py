@@ -110,7 +110,7 @@ def test_one_ppo_iteration_moves_probability_toward_the_rewarded_arm():
     before = arm_probs()
     config = PPOConfig(rollout_batch=64, minibatch=16, ppo_epochs=4, max_new_tokens=1, lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    rollout = make_rollout(policy, reference, ArmReward(), value, [[0]] * 64, 3, config, 0.05, g)
+    rollout = make_rollout(policy, reference, ArmReward(), value, [[0]] * 64, {3}, config, 0.05, g)
     assert rollout.kl.abs().sum() == 0  # the KL penalty is zero while policy == reference
     assert 0 < rollout.score.mean() < 1  # both outcomes were sampled
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-2)
@@ -140,7 +140,7 @@ def test_responses_cut_before_eos_lose_the_missing_eos_penalty():
     for penalty in (0.0, 2.0):
         config = PPOConfig(rollout_batch=64, max_new_tokens=1, missing_eos_penalty=penalty)
         g = torch.Generator().manual_seed(1)
-        rollout = make_rollout(policy, policy, Constant(), value, [[0]] * 64, 3, config, 0.05, g)
+        rollout = make_rollout(policy, policy, Constant(), value, [[0]] * 64, {3}, config, 0.05, g)
         cut = torch.tensor([r != [3] for r in rollout.responses], dtype=torch.float)
         assert 0 < cut.mean() < 1  # both kinds were sampled
         torch.testing.assert_close(rollout.truncated, cut)

@@ -13,7 +13,14 @@ import torch
 
 from tests.conftest import BOS, EOS
 from transformer.training import CheckpointError
-from xllama.chat import chat_format, dialog_prompt, llama2_prompt, llama3_prompt, stop_ids
+from xllama.chat import (
+    answer_ids,
+    chat_format,
+    dialog_prompt,
+    llama2_prompt,
+    llama3_prompt,
+    stop_ids,
+)
 from xllama.convert import load_checkpoint
 from xllama.generate import fit_context
 from xllama.generate import main as generate_main
@@ -47,6 +54,9 @@ def test_llama3_prompt_is_the_model_cards(llama3, kind):
     assert chat_format(tokenizer) == "llama3"
     expected = llama3["hf_tokenizer"].encode(llama3_text(DIALOG), add_special_tokens=False).ids
     assert llama3_prompt(tokenizer, DIALOG) == expected
+    text = llama3_text(DIALOG) + "Fine.<|eot_id|>"  # the answer and the end of its turn
+    whole = llama3["hf_tokenizer"].encode(text, add_special_tokens=False).ids
+    assert expected + answer_ids(tokenizer, " Fine.\n", "llama3") == whole
     # A special token written in a message is text, not the end of the turn.
     sneaky = [{"role": "user", "content": "a <|eot_id|> b"}]
     assert llama3_prompt(tokenizer, sneaky).count(EOT) == 1
@@ -84,6 +94,9 @@ def test_llama2_prompt_is_metas(tmp_path):
     expected = [1, *sp.encode(first), 2, 1, *sp.encode("[INST] Who are you? [/INST]")]
     assert llama2_prompt(tokenizer, DIALOG) == expected
     assert llama2_prompt(tokenizer, DIALOG[3:]) == [1, *sp.encode("[INST] Who are you? [/INST]")]
+    # An answer as fine-tuning encodes it after the prompt: Meta's one-sequence exchange, split.
+    whole = llama2_prompt(tokenizer, DIALOG[3:]) + answer_ids(tokenizer, " Hi! ", "llama2")
+    assert whole == [1, *sp.encode("[INST] Who are you? [/INST] Hi! "), 2]
     for roles in (["user", "user"], ["assistant"], ["system"], ["user", "assistant"], []):
         with pytest.raises(XLlamaError, match="in turn, ending with the user's"):
             llama2_prompt(tokenizer, [{"role": r, "content": "x"} for r in roles])
