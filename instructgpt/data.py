@@ -94,22 +94,25 @@ def _records(path: Path):
         yield f"{path}:{number}", record
 
 
-def _text(where: str, record: dict, key: str, fmt: str, allow_empty: bool = False) -> str:
+def _field(where: str, record: dict, key: str, fmt: str):
     if key not in record:
         raise DataError(f"{where}: missing field {key!r} (expected {fmt})")
-    value = record[key]
+    return record[key]
+
+
+def _string(where: str, value, name: str, kinds: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string")
-    if not allow_empty and not value.strip():
-        raise DataError(f"{where}: field {key!r} is empty")
+        raise DataError(f"{where}: {name} must be {kinds}")
+    if not value.strip():
+        raise DataError(f"{where}: {name} is empty")
     return value
 
 
 def _prompt(where: str, record: dict, fmt: str) -> Prompt:
     """A prompt: text, or a dialog of {"role", "content"} messages (a tuple of pairs)."""
-    value = record.get("prompt")
+    value = _field(where, record, "prompt", fmt)
     if not isinstance(value, list):
-        return _text(where, record, "prompt", fmt)
+        return _string(where, value, "field 'prompt'", "a string or a list of messages")
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                and isinstance(m.get("content"), str) for m in value):  # fmt: skip
         raise DataError(f'{where}: a dialog prompt is a list of {{"role": ..., "content": ...}}')
@@ -125,17 +128,7 @@ def _response(where: str, value, name: str) -> str:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         if value[0].get("role") == "assistant":
             value = value[0].get("content")
-    if not isinstance(value, str):
-        raise DataError(f"{where}: {name} must be a string (or one assistant message)")
-    if not value.strip():
-        raise DataError(f"{where}: {name} is empty")
-    return value
-
-
-def _field(where: str, record: dict, key: str, fmt: str):
-    if key not in record:
-        raise DataError(f"{where}: missing field {key!r} (expected {fmt})")
-    return record[key]
+    return _string(where, value, name, "a string or one assistant message")
 
 
 SFT_FORMAT = '{"prompt": ..., "response": ...}'

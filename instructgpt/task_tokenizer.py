@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizer.fileformat import FILE_NAME
 from transformer.training import read_config
-from xllama.tokenization import keep_tokenizer, load_tokenizer, same_tokens
+from xllama.tokenization import load_tokenizer, same_tokens
 
 from .data import InstructGPTError
 
@@ -28,22 +28,16 @@ def load_task_tokenizer(checkpoint: Path):
     """The tokenizer a checkpoint's `config.json` names, else the `tokenizer.bpe` beside it or in
     its run directory (runs written before the config named it)."""
     checkpoint = Path(checkpoint)
-    spec = read_config(checkpoint).get("tokenizer") if checkpoint.is_dir() else None
+    spec = read_config(checkpoint).get("tokenizer")
     if spec:
         return with_eos(load_tokenizer(spec, checkpoint), checkpoint)
-    for candidate in (checkpoint, checkpoint / FILE_NAME, checkpoint.parent.parent / FILE_NAME):
-        if candidate.is_file() and candidate.name.endswith(".bpe"):
+    for candidate in (checkpoint / FILE_NAME, checkpoint.parent.parent / FILE_NAME):
+        if candidate.is_file():
             return with_eos(load_tokenizer(str(candidate)), checkpoint)
     raise InstructGPTError(
         f"no tokenizer found with {checkpoint} (its config.json names none, and there is no "
         f"{FILE_NAME} in the checkpoint or its run directory)"
     )
-
-
-def keep(tokenizer, directory: Path) -> dict:
-    """Copy the tokenizer's file into `directory`; returns the spec its `config.json` records."""
-    keep_tokenizer(tokenizer, directory)
-    return tokenizer.spec()
 
 
 def check_same_tokenizer(a, b, what_a: str, what_b: str) -> None:

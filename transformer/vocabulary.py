@@ -19,7 +19,6 @@ configs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -98,16 +97,6 @@ class BPE:
 
     def decode(self, ids) -> str:
         return self.bpe.decode([i for i in ids if i not in self.special_ids])
-
-    def fingerprint(self) -> str:
-        """A hash of the vocabulary: two models can share data only if these agree."""
-        h = hashlib.sha256()
-        for i in range(self.vocab_size):
-            try:
-                h.update(self.bpe.token_bytes(i) + b"\0")
-            except Exception:  # ids the vocabulary skips
-                h.update(b"\1")
-        return h.hexdigest()[:16]
 
     def spec(self) -> dict:
         return {"kind": "bpe", "file": self.file}

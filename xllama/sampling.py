@@ -123,9 +123,9 @@ def generate(
 
     Returns the new tokens of each row (without its prompt). A row stops after producing one of
     `stop_ids` (its EOS; a chat model's end of turn too), which ends its result; generation ends
-    when every row has stopped. `on_token(next_tokens)` is called with the (batch,) tensor after every step
-    (streaming). The model is put in eval mode for the call. With `compile`, the one-token steps
-    run the same forward under `torch.compile` (see `decode_step`).
+    when every row has stopped. `on_token(next_tokens)` is called with the (batch,) tensor after
+    every step (streaming). The model is put in eval mode for the call. With `compile`, the
+    one-token steps run the same forward under `torch.compile` (see `decode_step`).
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -63,7 +63,7 @@ def test_formats_read_and_comparisons_are_k2_rankings(tmp_path):
         ),
         (
             {"prompt": "p", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"},
-            "2: field 'chosen' must be a string (or one assistant message)",
+            "2: field 'chosen' must be a string or one assistant message",
         ),  # fmt: skip
     ],
 )
