@@ -263,7 +263,15 @@ def same_tokens(a, b) -> bool:
     must a policy and its reward model)."""
     if a.vocab_size != b.vocab_size:
         return False
-    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+    return all(_text_of(a, i) == _text_of(b, i) for i in range(a.vocab_size))
+
+
+def _text_of(tokenizer, i: int) -> str | None:
+    """The text of one id, or None for an id the vocabulary skips (cl100k_base has such gaps)."""
+    try:
+        return tokenizer.decode([i])
+    except TokenizerError:
+        return None
 
 
 def keep_tokenizer(tokenizer, directory: Path) -> None:

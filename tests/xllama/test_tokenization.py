@@ -4,7 +4,7 @@ import pytest
 
 from transformer.vocabulary import BPE
 from xllama import XLlamaError
-from xllama.tokenization import CharTokenizer, load_tokenizer, tokenizer_for_checkpoint
+from xllama.tokenization import CharTokenizer, load_tokenizer, same_tokens, tokenizer_for_checkpoint
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 50
 
@@ -60,3 +60,16 @@ def test_tiktoken_ranks_file_matches_tiktoken(shared_data):
     sample = "Hello world! Ça va? 12345 tokens\n\n  indented"
     assert ours.encode(sample) == reference.encode_ordinary(sample)
     assert ours.eos_id == 100257
+
+
+def test_same_tokens_reads_past_the_ids_a_vocabulary_skips(shared_data):
+    """cl100k_base has no token 100256 (its special tokens follow a gap): comparing two tokenizers
+    id by id (a draft and its target, a policy and its reward model) once stopped there."""
+    paths = [
+        shared_data / "tiktoken" / f"{name}.tiktoken" for name in ("cl100k_base", "o200k_base")
+    ]
+    if not all(p.is_file() for p in paths):
+        pytest.skip("tiktoken ranks files not found")
+    cl100k = load_tokenizer(str(paths[0]))
+    assert same_tokens(cl100k, load_tokenizer(str(paths[0])))
+    assert not same_tokens(cl100k, load_tokenizer(str(paths[1])))
