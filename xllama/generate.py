@@ -31,6 +31,7 @@ from transformer.training import (
 )
 
 from .adapters import load_any_adapter
+from .cache import Cache
 from .chat import FORMATS, chat_format, dialog_prompt, stop_ids
 from .convert import load_checkpoint
 from .model import XLlamaError
@@ -203,17 +204,21 @@ def main(argv=None) -> int:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop_ids=stops)  # fmt: skip
 
-    def complete(ids: list[int]) -> str:
+    def complete(ids: list[int], turns: TurnCache | None = None) -> str:
         """The text of up to --max-new-tokens tokens after `ids`, printed (streamed unless
-        --no-stream) on stdout; the speed goes to stderr."""
+        --no-stream) on stdout; the speed goes to stderr. With `turns`, the KV cache of the
+        chat's earlier turns is kept for what `ids` shares with them."""
         n_new = min(args.max_new_tokens, context - len(ids))
         if n_new < args.max_new_tokens:
             print(f"(generating {n_new} tokens: the context is {context})", file=sys.stderr)
         stream = None if args.no_stream else Streamer(tokenizer)
         start = time.perf_counter()
         if draft is None:
-            new = generate(model, [ids], n_new, compile=args.compile, on_token=stream, **sampling)
-            new = new[0]
+            cache = None if turns is None else turns.cache_for(ids)
+            new = generate(model, [ids], n_new, compile=args.compile, on_token=stream,
+                           cache=cache, **sampling)[0]  # fmt: skip
+            if turns is not None:
+                turns.held = (ids + new)[: cache.length]
         else:
             new, stats = speculative_generate(model, draft, ids, n_new, k=args.speculate,
                                               on_token=stream, **sampling)  # fmt: skip
@@ -249,15 +254,40 @@ def main(argv=None) -> int:
         sample = prompt + complete(ids)
     else:
         dialog = [] if args.system is None else [{"role": "system", "content": args.system}]
+        turns = TurnCache(model)
         for message in [args.prompt] if args.prompt is not None else user_messages():
             dialog.append({"role": "user", "content": message})
-            answer = complete(fit_context(dialog, tokenizer, chat, context))
+            answer = complete(fit_context(dialog, tokenizer, chat, context), turns)
             dialog.append({"role": "assistant", "content": answer.strip()})
         sample = "".join(f"{m['role']}: {m['content']}\n\n" for m in dialog)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sample.txt").write_text(sample.rstrip("\n") + "\n")
     return 0
+
+
+class TurnCache:
+    """A chat's KV cache from one turn to the next, and the tokens it holds: the next prompt
+    repeats the dialog so far, so only what it does not share with them is read again."""
+
+    def __init__(self, model):
+        self.model, self.cache, self.held = model, None, []
+
+    def cache_for(self, ids: list[int]) -> Cache:
+        """The cache, rolled back to the longest prefix of `ids` it holds (at most all but the
+        last token, which gives the next token's logits). The answer's text, read back, may not
+        give the tokens that were sampled; a dropped exchange changes everything after the system
+        message. A sliding window's rolling cache cannot roll back: it starts afresh."""
+        keep = 0
+        for held, new in zip(self.held, ids[:-1]):
+            if held != new:
+                break
+            keep += 1
+        if self.cache is None or (self.cache.rolling and keep < self.cache.length):
+            self.cache, keep = self.model.make_cache(1), 0
+        if keep < self.cache.length:
+            self.cache.rollback(keep)
+        return self.cache
 
 
 def user_messages():

@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from torch import Tensor
 
+from .cache import Cache
 from .model import Llama, XLlamaError
 
 
@@ -118,6 +119,7 @@ def generate(
     on_token: Callable[[Tensor], None] | None = None,
     pad_id: int = 0,
     compile: bool = False,
+    cache: Cache | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
@@ -126,6 +128,10 @@ def generate(
     when every row has stopped. `on_token(next_tokens)` is called with the (batch,) tensor after
     every step (streaming). The model is put in eval mode for the call. With `compile`, the
     one-token steps run the same forward under `torch.compile` (see `decode_step`).
+
+    `cache`, for one prompt: a cache (`model.make_cache(1)`) that already holds the prompt's first
+    `cache.length` tokens, so only the rest is read (a chat's earlier turns); it is left holding
+    the prompt and the new tokens but the last.
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -148,7 +154,14 @@ def generate(
         batch = len(prompts)
         tokens, mask = left_pad(prompts, pad_id, device)
         padded = bool((mask == 0).any())
-        cache = model.make_cache(batch, longest + max_new_tokens)
+        if cache is None:
+            cache = model.make_cache(batch, longest + max_new_tokens)
+        elif batch != 1 or cache.length >= longest or cache.max_len < longest + max_new_tokens:
+            raise XLlamaError(
+                f"a cache of {cache.length} of {cache.max_len} slots cannot continue "
+                f"{batch} prompt(s) of {longest} tokens by {max_new_tokens}"
+            )
+        tokens = tokens[:, cache.length :]  # what the cache does not hold yet
         logits = model(tokens, attention_mask=mask if padded else None, cache=cache, last_only=True)
         logits = logits[:, -1]
         decode = decode_step(model) if compile else model  # the same forward either way

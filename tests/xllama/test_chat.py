@@ -22,9 +22,10 @@ from xllama.chat import (
     stop_ids,
 )
 from xllama.convert import load_checkpoint
-from xllama.generate import fit_context
+from xllama.generate import TurnCache, fit_context
 from xllama.generate import main as generate_main
 from xllama.model import XLlamaError
+from xllama.sampling import generate
 from xllama.tokenization import CharTokenizer, SentencePiece
 
 transformers = pytest.importorskip("transformers")
@@ -152,6 +153,24 @@ def test_chat_answers_a_conversation_as_hugging_face_does(llama3, tmp_path, caps
     transcript = (tmp_path / "sample.txt").read_text()
     assert transcript == (f"system: Be brief.\n\nuser: Hi there\n\nassistant: {first.strip()}\n\n"
                           f"user: Who are you?\n\nassistant: {second.strip()}\n")  # fmt: skip
+
+
+def test_a_chat_keeps_its_cache_for_what_the_next_prompt_shares(llama3):
+    model, tokenizer, _ = load_checkpoint(llama3["hf"])
+    turns = TurnCache(model.eval())
+    first = dialog_prompt(tokenizer, DIALOG[:2], "llama3")
+    answer = generate(model, [first], 5, temperature=0, cache=turns.cache_for(first))[0]
+    turns.held = (first + answer)[: turns.cache.length]
+    dialog = [*DIALOG[:2], {"role": "assistant", "content": tokenizer.decode(answer)}, DIALOG[3]]
+    second = dialog_prompt(tokenizer, dialog, "llama3")
+    cache = turns.cache_for(second)
+    shared = 0
+    while shared < min(len(turns.held), len(second) - 1) and turns.held[shared] == second[shared]:
+        shared += 1
+    assert cache.length == shared >= len(first)  # at least the first turn's prompt is kept
+    assert generate(model, [second], 5, temperature=0, cache=cache) == generate(
+        model, [second], 5, temperature=0
+    )
 
 
 def test_a_long_conversation_drops_its_oldest_exchanges(llama3):

@@ -118,6 +118,26 @@ def test_per_row_stop_ids_stop_rows_independently():
         assert result == row[: first + 1]
 
 
+def test_a_cache_holding_the_prompts_start_continues_it_as_a_fresh_one():
+    """A chat's next turn reads only what its cache does not hold: the same greedy tokens."""
+    model = tiny()
+    first = [5, 9, 200, 17, 3]
+    cache = model.make_cache(1)
+    answer = generate(model, [first], 6, temperature=0, cache=cache)[0]
+    assert cache.length == len(first) + len(answer) - 1  # the last new token is not read yet
+    second = first + answer + [44, 45, 46]
+    assert generate(model, [second], 6, temperature=0, cache=cache) == generate(
+        model, [second], 6, temperature=0
+    )
+    cache.rollback(3)  # a prompt that shares only its first 3 tokens
+    other = first[:3] + [7, 7, 7]
+    assert generate(model, [other], 4, temperature=0, cache=cache) == generate(
+        model, [other], 4, temperature=0
+    )
+    with pytest.raises(XLlamaError, match="cannot continue 2 prompt"):
+        generate(model, [other, other], 2, cache=model.make_cache(2))
+
+
 @pytest.mark.parametrize("position", POSITIONS)
 def test_sliding_window_rolling_cache_equals_windowed_forward(position):
     window = 5
