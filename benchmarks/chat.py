@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 from tokenizer import BPETokenizer, embedded_corpus  # noqa: E402
 from xllama import Llama, LlamaConfig  # noqa: E402
-from xllama.chat import dialog_prompt  # noqa: E402
-from xllama.generate import TurnCache  # noqa: E402
+from xllama.chat import TurnCache, dialog_prompt  # noqa: E402
 from xllama.sampling import generate  # noqa: E402
 from xllama.tokenization import Tiktoken  # noqa: E402
 

@@ -15,7 +15,8 @@ fine-tuned on dialogs written one way; given any other, it answers worse or not 
   `<|eom_id|>`).
 
 Message contents are stripped of surrounding whitespace and encoded as plain text: a special token
-written in a message is text, not a control token (as in Meta's code).
+written in a message is text, not a control token (as in Meta's code). `TurnCache` keeps a chat's
+KV cache from one turn to the next.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from transformer.training.checkpoint import read_json_object
 from transformer.vocabulary import BPE
 
+from .cache import Cache
 from .model import XLlamaError
 from .tokenization import SentencePiece
 
@@ -140,3 +142,27 @@ def stop_ids(tokenizer, directory: Path | None = None) -> set[int]:
             raise XLlamaError(f"{path}: eos_token_id must be a token id or a list of them")
         stops |= set(eos)
     return stops
+
+
+class TurnCache:
+    """A chat's KV cache from one turn to the next, and the tokens it holds: the next prompt
+    repeats the dialog so far, so only what it does not share with them is read again."""
+
+    def __init__(self, model):
+        self.model, self.cache, self.held = model, None, []
+
+    def cache_for(self, ids: list[int]) -> Cache:
+        """The cache, rolled back to the longest prefix of `ids` it holds (at most all but the
+        last token, which gives the next token's logits). The answer's text, read back, may not
+        give the tokens that were sampled; a dropped exchange changes everything after the system
+        message. A sliding window's rolling cache cannot roll back: it starts afresh."""
+        keep = 0
+        for held, new in zip(self.held, ids[:-1]):
+            if held != new:
+                break
+            keep += 1
+        if self.cache is None or (self.cache.rolling and keep < self.cache.length):
+            self.cache, keep = self.model.make_cache(1), 0
+        if keep < self.cache.length:
+            self.cache.rollback(keep)
+        return self.cache

@@ -31,8 +31,7 @@ from transformer.training import (
 )
 
 from .adapters import load_any_adapter
-from .cache import Cache
-from .chat import FORMATS, chat_format, dialog_prompt, stop_ids
+from .chat import FORMATS, TurnCache, chat_format, dialog_prompt, stop_ids
 from .convert import load_checkpoint
 from .model import XLlamaError
 from .quantize import KINDS, quantize_for_decoding
@@ -264,30 +263,6 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sample.txt").write_text(sample.rstrip("\n") + "\n")
     return 0
-
-
-class TurnCache:
-    """A chat's KV cache from one turn to the next, and the tokens it holds: the next prompt
-    repeats the dialog so far, so only what it does not share with them is read again."""
-
-    def __init__(self, model):
-        self.model, self.cache, self.held = model, None, []
-
-    def cache_for(self, ids: list[int]) -> Cache:
-        """The cache, rolled back to the longest prefix of `ids` it holds (at most all but the
-        last token, which gives the next token's logits). The answer's text, read back, may not
-        give the tokens that were sampled; a dropped exchange changes everything after the system
-        message. A sliding window's rolling cache cannot roll back: it starts afresh."""
-        keep = 0
-        for held, new in zip(self.held, ids[:-1]):
-            if held != new:
-                break
-            keep += 1
-        if self.cache is None or (self.cache.rolling and keep < self.cache.length):
-            self.cache, keep = self.model.make_cache(1), 0
-        if keep < self.cache.length:
-            self.cache.rollback(keep)
-        return self.cache
 
 
 def user_messages():

@@ -14,6 +14,7 @@ import torch
 from tests.conftest import BOS, EOS
 from transformer.training import CheckpointError
 from xllama.chat import (
+    TurnCache,
     answer_ids,
     chat_format,
     dialog_prompt,
@@ -22,7 +23,7 @@ from xllama.chat import (
     stop_ids,
 )
 from xllama.convert import load_checkpoint
-from xllama.generate import TurnCache, fit_context
+from xllama.generate import fit_context
 from xllama.generate import main as generate_main
 from xllama.model import XLlamaError
 from xllama.sampling import generate
