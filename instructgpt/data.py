@@ -184,12 +184,15 @@ def read_rankings(path: Path) -> list[Ranking]:
 
 
 def write_jsonl(path: Path, records) -> None:
+    """Records (dicts, `Demonstration`s, `Ranking`s) as JSON lines the readers above read back: a
+    dialog prompt as its list of messages."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for record in records:
-            if not isinstance(record, dict):
-                record = record.__dict__
+            record = dict(record if isinstance(record, dict) else record.__dict__)
+            if isinstance(record.get("prompt"), tuple):
+                record["prompt"] = [{"role": r, "content": c} for r, c in record["prompt"]]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

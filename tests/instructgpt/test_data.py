@@ -14,6 +14,7 @@ from instructgpt.data import (
     read_rankings,
     task_demonstrations,
     task_prompts,
+    write_jsonl,
 )
 
 
@@ -47,6 +48,8 @@ def test_formats_read_and_comparisons_are_k2_rankings(tmp_path):
     data = read_rankings(_write(tmp_path / "d.jsonl", [{"prompt": dialog, "chosen": answer,
                                                          "rejected": "Go away."}]))  # fmt: skip
     assert data[0].responses == ["Hello.", "Go away."]
+    write_jsonl(tmp_path / "again.jsonl", data)  # as the pipeline writes rankings
+    assert read_rankings(tmp_path / "again.jsonl") == data
 
 
 @pytest.mark.parametrize(
