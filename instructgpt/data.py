@@ -1,7 +1,7 @@
 """Data: the JSONL formats users bring, batching, and the embedded task with its gold labeler.
 
 Formats (one JSON object per line):
-- SFT demonstrations   {"prompt": str, "response": str}
+- SFT demonstrations   {"prompt": str, "response": str}, or for a chat model {"messages": [...]}
 - comparisons          {"prompt": str, "chosen": str, "rejected": str}
 - rankings             {"prompt": str, "responses": [best, ..., worst]}  (K ≥ 2)
 A comparison is the K = 2 ranking [chosen, rejected]; the reward model reads both formats.
@@ -113,6 +113,10 @@ def _prompt(where: str, record: dict, fmt: str) -> Prompt:
     value = _field(where, record, "prompt", fmt)
     if not isinstance(value, list):
         return _string(where, value, "field 'prompt'", "a string or a list of messages")
+    return _dialog(where, value)
+
+
+def _dialog(where: str, value: list) -> Dialog:
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                and isinstance(m.get("content"), str) for m in value):  # fmt: skip
         raise DataError(f'{where}: a dialog prompt is a list of {{"role": ..., "content": ...}}')
@@ -135,15 +139,24 @@ SFT_FORMAT = '{"prompt": ..., "response": ...}'
 RANKING_FORMAT = '{"prompt": ..., "chosen": ..., "rejected": ...} or {"prompt": ..., "responses": [best, ..., worst]}'
 
 
+def _demonstration(where: str, record: dict) -> Demonstration:
+    if "messages" in record and "prompt" not in record:  # TRL's conversational SFT form
+        messages = record["messages"]
+        if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                and messages[-1].get("role") == "assistant"):  # fmt: skip
+            raise DataError(f"{where}: 'messages' must end with the assistant's message")
+        return Demonstration(_dialog(where, messages[:-1]),
+                             _response(where, messages[-1:], "the last message"))  # fmt: skip
+    return Demonstration(
+        _prompt(where, record, SFT_FORMAT),
+        _response(where, _field(where, record, "response", SFT_FORMAT), "field 'response'"),
+    )
+
+
 def read_demonstrations(path: Path) -> list[Demonstration]:
-    """SFT data: {"prompt", "response"} per line."""
-    out = [
-        Demonstration(
-            _prompt(w, r, SFT_FORMAT),
-            _response(w, _field(w, r, "response", SFT_FORMAT), "field 'response'"),
-        )
-        for w, r in _records(path)
-    ]
+    """SFT data: {"prompt", "response"} per line, or a chat model's {"messages": [...]} whose
+    last message, the assistant's, is the response (the earlier ones are its prompt)."""
+    out = [_demonstration(w, r) for w, r in _records(path)]
     if not out:
         raise DataError(f"{path}: no examples")
     return out

@@ -50,6 +50,11 @@ def test_formats_read_and_comparisons_are_k2_rankings(tmp_path):
     assert data[0].responses == ["Hello.", "Go away."]
     write_jsonl(tmp_path / "again.jsonl", data)  # as the pipeline writes rankings
     assert read_rankings(tmp_path / "again.jsonl") == data
+    # TRL's SFT form: the conversation, the last (assistant) message being the response.
+    messages = {"messages": [*dialog, *answer]}
+    assert read_demonstrations(_write(tmp_path / "m.jsonl", [messages])) == sft
+    with pytest.raises(DataError, match="m2.jsonl:1: 'messages' must end with the assistant's"):
+        read_demonstrations(_write(tmp_path / "m2.jsonl", [{"messages": dialog}]))
 
 
 @pytest.mark.parametrize(
