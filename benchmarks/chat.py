@@ -77,7 +77,7 @@ def main() -> None:
             kept = cache.length
             new = generate(model, [ids], 16, temperature=0, cache=cache)[0]
             kept_time = min(kept_time, time.perf_counter() - start)
-            turns.held = (ids + new)[: cache.length]
+            turns.remember(ids + new)
         dialog.append({"role": "assistant", "content": tokenizer.decode(new)})
         print(f"{t + 1:>4} {len(ids):>7} {kept:>6} {fresh:>15.2f} {kept_time:>15.2f} "
               f"{fresh / kept_time:.2f}x")  # fmt: skip

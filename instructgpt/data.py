@@ -241,11 +241,11 @@ def encode_pair(tokenizer, prompt: Prompt, response: str, max_len: int) -> tuple
     `max_len // 2` tokens.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    if len(prompt_ids) == (0 if tokenizer.bos_id is None else 1):
+    bos = 0 if tokenizer.bos_id is None else 1
+    if len(prompt_ids) == bos:
         raise DataError(f"prompt {prompt!r} encodes to no tokens")
     if len(prompt_ids) >= max_len:
-        keep = 0 if tokenizer.bos_id is None else 1
-        prompt_ids = prompt_ids[:keep] + prompt_ids[-(max_len // 2) :]
+        prompt_ids = prompt_ids[:bos] + prompt_ids[-(max_len // 2) :]
     *response_ids, end = encode_response(tokenizer, prompt, response)
     return prompt_ids + response_ids[: max_len - len(prompt_ids) - 1] + [end], len(prompt_ids)
 

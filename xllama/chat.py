@@ -166,3 +166,8 @@ class TurnCache:
         if keep < self.cache.length:
             self.cache.rollback(keep)
         return self.cache
+
+    def remember(self, tokens: list[int]) -> None:
+        """The turn just decoded from `cache_for`'s cache, prompt and new tokens: the cache holds
+        all of them but the last."""
+        self.held = tokens[: self.cache.length]

@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             new = generate(model, [ids], n_new, compile=args.compile, on_token=stream,
                            cache=cache, **sampling)[0]  # fmt: skip
             if turns is not None:
-                turns.held = (ids + new)[: cache.length]
+                turns.remember(ids + new)
         else:
             new, stats = speculative_generate(model, draft, ids, n_new, k=args.speculate,
                                               on_token=stream, **sampling)  # fmt: skip

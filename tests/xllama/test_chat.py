@@ -161,7 +161,7 @@ def test_a_chat_keeps_its_cache_for_what_the_next_prompt_shares(llama3):
     turns = TurnCache(model.eval())
     first = dialog_prompt(tokenizer, DIALOG[:2], "llama3")
     answer = generate(model, [first], 5, temperature=0, cache=turns.cache_for(first))[0]
-    turns.held = (first + answer)[: turns.cache.length]
+    turns.remember(first + answer)
     dialog = [*DIALOG[:2], {"role": "assistant", "content": tokenizer.decode(answer)}, DIALOG[3]]
     second = dialog_prompt(tokenizer, dialog, "llama3")
     cache = turns.cache_for(second)
